@@ -1,0 +1,27 @@
+"""torchmagic: IPython magics for PyTorch. `%load_ext torchmagic`."""
+
+__version__ = "0.1.0"
+
+_loaded = {}  # shell -> TorchMagics instance
+
+
+def load_ipython_extension(ipython):
+    from .magics import TorchMagics  # imported here so that `import torchmagic` stays cheap
+
+    magics = TorchMagics(ipython)
+    ipython.register_magics(magics)
+    ipython.configurables.append(magics)  # %config TorchMagics.widgets = False
+    _loaded[id(ipython)] = magics
+
+
+def unload_ipython_extension(ipython):
+    magics = _loaded.pop(id(ipython), None)
+    if magics is None:
+        return
+    table = ipython.magics_manager.magics
+    for kind, names in magics.magics.items():
+        for name in names:
+            table[kind].pop(name, None)
+    ipython.magics_manager.registry.pop(type(magics).__name__, None)
+    if magics in ipython.configurables:
+        ipython.configurables.remove(magics)

@@ -1,0 +1,99 @@
+"""The small input syntax of the magics: shapes, dtypes, devices, argument lines. Pure."""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .errors import TorchMagicError
+
+# A generated input larger than this many elements is refused before anything is allocated.
+MAX_INPUT_ELEMENTS = 2**31
+
+_SHAPE_CHARS = re.compile(r"^[\s\d,()\[\]x.eE+\-_]+$")
+_OPEN = "([{"
+_CLOSE = ")]}"
+
+DTYPES = {
+    name: getattr(torch, name)
+    for name in (
+        "float32 float float64 double float16 half bfloat16 "
+        "int64 long int32 int int16 short int8 uint8 bool"
+    ).split()
+}
+
+
+def split_line(line: str) -> list[str]:
+    """Split on whitespace outside brackets and quotes, so `torch.randn(1, 3)` stays one token."""
+    tokens, current, depth, quote = [], [], 0, ""
+    for ch in line:
+        if quote:
+            current.append(ch)
+            if ch == quote:
+                quote = ""
+        elif ch in "'\"":
+            quote = ch
+            current.append(ch)
+        elif ch in _OPEN:
+            depth += 1
+            current.append(ch)
+        elif ch in _CLOSE:
+            depth -= 1
+            current.append(ch)
+        elif ch.isspace() and depth <= 0:
+            if current:
+                tokens.append("".join(current))
+                current = []
+        else:
+            current.append(ch)
+    if quote or depth > 0:
+        raise TorchMagicError(f"unbalanced brackets or quotes in {line.strip()!r}: close every ( [ {{ and quote")
+    if current:
+        tokens.append("".join(current))
+    return tokens
+
+
+def looks_like_shape(text: str) -> bool:
+    """True for text meant as a shape (digits and commas), even a malformed one."""
+    text = text.strip()
+    return bool(text) and bool(_SHAPE_CHARS.match(text)) and any(c.isdigit() for c in text) and not text.isidentifier()
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """'1,1,32,32', '(1,1,32,32)' or '[1, 3]' -> (1, 1, 32, 32). Anything else: TorchMagicError."""
+    body = text.strip()
+    if len(body) >= 2 and body[0] + body[-1] in ("()", "[]"):
+        body = body[1:-1]
+    parts = [p.strip() for p in body.split(",")]
+    if parts and parts[-1] == "" and len(parts) > 1:  # "(3,)" is a 1-d shape
+        parts.pop()
+    example = "write sizes as whole numbers separated by commas, e.g. 1,3,32,32"
+    if not parts or any(p == "" for p in parts):
+        raise TorchMagicError(f"{text.strip()!r} has an empty size: {example}")
+    dims = []
+    for p in parts:
+        if not re.fullmatch(r"[+-]?\d+", p):
+            raise TorchMagicError(f"{p!r} in {text.strip()!r} is not a whole number: {example}")
+        value = int(p)
+        if value <= 0:
+            raise TorchMagicError(f"{p!r} in {text.strip()!r} is not a positive size: {example}")
+        dims.append(value)
+    numel = 1
+    for d in dims:
+        numel *= d
+    if numel > MAX_INPUT_ELEMENTS:
+        raise TorchMagicError(
+            f"shape {text.strip()} has {numel:,} elements, too many to allocate; use a smaller shape"
+        )
+    return tuple(dims)
+
+
+def parse_dtype(text: str) -> torch.dtype:
+    name = text.strip().removeprefix("torch.")
+    if name not in DTYPES:
+        raise TorchMagicError(f"unknown dtype {text!r}: use one of {', '.join(sorted(DTYPES))}")
+    return DTYPES[name]
+
+
+def format_shape(shape) -> str:
+    return "[" + ", ".join(str(int(d)) for d in shape) + "]"

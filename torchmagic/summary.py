@@ -1,0 +1,87 @@
+"""Parameter summary on top of torchinfo, with the counts corrected and the model left alone."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .guard import model_preserved
+from .results import ParamRow, ParamSummary
+from .parsing import format_shape
+
+
+def _torchinfo_layers(model: nn.Module, args: tuple | None, kwargs: dict):
+    """torchinfo's rows, with its cache entry and its root-only mode restore undone."""
+    import torchinfo
+    from torchinfo import torchinfo as ti
+
+    cache_key = type(model).__name__
+    had, previous = cache_key in ti._cached_forward_pass, ti._cached_forward_pass.get(cache_key)
+    try:
+        with model_preserved(model):
+            if args is None:
+                stats = torchinfo.summary(model, verbose=0)
+            else:
+                # input_data (not input_size) keeps torchinfo from moving the model or drawing from the RNG.
+                stats = torchinfo.summary(
+                    model, input_data=list(args), verbose=0, mode="train" if model.training else "eval", **kwargs
+                )
+        layers = [(layer.module, layer.depth, layer.output_size, layer.executed) for layer in stats.summary_list]
+        mult_adds = stats.total_mult_adds if args is not None else None
+        del stats
+    finally:
+        # torchinfo caches every forward pass by class name, which keeps the model alive.
+        if had:
+            ti._cached_forward_pass[cache_key] = previous
+        else:
+            ti._cached_forward_pass.pop(cache_key, None)
+    return layers, mult_adds
+
+
+def _trainable(params: list[torch.nn.Parameter]) -> str:
+    if not params:
+        return ""
+    flags = {p.requires_grad for p in params}
+    return "partly" if len(flags) == 2 else ("yes" if flags == {True} else "frozen")
+
+
+def param_summary(model: nn.Module, *, name: str, args: tuple | None = None, kwargs: dict | None = None,
+                  depth: int | None = None) -> ParamSummary:
+    layers, mult_adds = _torchinfo_layers(model, args, kwargs or {})
+    names: dict[int, str] = {}
+    for qual, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), qual or name)
+    param_names: dict[int, str] = {}
+    for qual, p in model.named_parameters(remove_duplicate=False):
+        param_names.setdefault(id(p), qual)
+
+    seen: set[int] = set()
+    seen_modules: set[int] = set()
+    rows = []
+    for module, layer_depth, output_size, executed in layers:
+        first_visit = id(module) not in seen_modules
+        seen_modules.add(id(module))
+        own = list(module.parameters(recurse=False))
+        new = [p for p in own if id(p) not in seen]
+        tied = {id(p) for p in own if id(p) in seen} if first_visit else set()
+        seen.update(id(p) for p in own)
+        note = "; ".join(f"{n} tied to {param_names[id(p)]}" for n, p in module.named_parameters(recurse=False)
+                         if id(p) in tied)
+        if not first_visit:
+            note = "called again (weights shared)"
+        if depth is not None and layer_depth > depth:
+            continue
+        output = format_shape(output_size) if executed and output_size and isinstance(output_size[0], int) else ""
+        rows.append(ParamRow(name=names.get(id(module), type(module).__name__), cls=type(module).__name__,
+                             depth=layer_depth, params=sum(p.numel() for p in new) if first_visit else 0,
+                             trainable=_trainable(own), output=output, note=note))
+
+    unique = {id(p): p for p in model.parameters()}.values()  # parameters() yields a tied weight once
+    return ParamSummary(
+        model=name,
+        rows=rows,
+        total=sum(p.numel() for p in unique),
+        trainable=sum(p.numel() for p in unique if p.requires_grad),
+        param_bytes=sum(p.numel() * p.element_size() for p in unique),
+        buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
+        mult_adds=mult_adds,
+    )
