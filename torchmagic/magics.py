@@ -197,7 +197,8 @@ class TorchMagics(Magics):
         if not isinstance(tree.body[-1], ast.Expr):
             raise TorchMagicError("the cell's last line must be the loss expression, e.g. `loss` or "
                                   "`criterion(out, y)`, not a statement")
-        filename = self.shell.compile.cache(source, self.shell.execution_count)
+        # IPython has already counted this cell, so the cell's own number is one less.
+        filename = self.shell.compile.cache(source, max(self.shell.execution_count - 1, 0))
         head = compile(ast.Module(body=tree.body[:-1], type_ignores=[]), filename, "exec")
         tail = compile(ast.Expression(body=tree.body[-1].value), filename, "eval")
         ns = self.shell.user_ns

@@ -6,10 +6,12 @@ from torch import nn
 
 from .guard import model_preserved
 from .results import ParamRow, ParamSummary
+from .errors import TorchMagicError
 from .parsing import format_shape
+from .tracing import trace_shapes
 
 
-def _torchinfo_layers(model: nn.Module, args: tuple | None, kwargs: dict):
+def _torchinfo_layers(model: nn.Module, args: tuple | None, kwargs: dict, name: str):
     """torchinfo's rows, with its cache entry and its root-only mode restore undone."""
     import torchinfo
     from torchinfo import torchinfo as ti
@@ -22,9 +24,17 @@ def _torchinfo_layers(model: nn.Module, args: tuple | None, kwargs: dict):
                 stats = torchinfo.summary(model, verbose=0)
             else:
                 # input_data (not input_size) keeps torchinfo from moving the model or drawing from the RNG.
-                stats = torchinfo.summary(
-                    model, input_data=list(args), verbose=0, mode="train" if model.training else "eval", **kwargs
-                )
+                try:
+                    stats = torchinfo.summary(
+                        model, input_data=list(args), verbose=0, mode="train" if model.training else "eval", **kwargs
+                    )
+                except Exception:
+                    failure = trace_shapes(model, args, kwargs, name=name).failure
+                    if failure is None:
+                        raise
+                    raise TorchMagicError(f"the forward failed in {failure.module} ({failure.cls}) on input "
+                                          f"{failure.inputs}: {failure.error}; %shapes {name} with the same input "
+                                          f"shows every call up to there") from None
         layers = [(layer.module, layer.depth, layer.output_size, layer.executed) for layer in stats.summary_list]
         mult_adds = stats.total_mult_adds if args is not None else None
         del stats
@@ -46,7 +56,7 @@ def _trainable(params: list[torch.nn.Parameter]) -> str:
 
 def param_summary(model: nn.Module, *, name: str, args: tuple | None = None, kwargs: dict | None = None,
                   depth: int | None = None) -> ParamSummary:
-    layers, mult_adds = _torchinfo_layers(model, args, kwargs or {})
+    layers, mult_adds = _torchinfo_layers(model, args, kwargs or {}, name)
     names: dict[int, str] = {}
     for qual, m in model.named_modules(remove_duplicate=False):
         names.setdefault(id(m), qual or name)

@@ -1,0 +1,41 @@
+"""%shapes through a real shell: rows per call, inputs of every kind, failures, and the promises."""
+import torch
+
+from snapshot import diff, snapshot
+
+
+def test_notes_network_rows(notes):
+    t = notes.run("%shapes net 1,1,32,32")
+    assert [r.name for r in t.rows] == ["net", "conv1", "fc1"]
+    assert t.row("conv1").inputs == "[1, 1, 32, 32]" and t.row("conv1").outputs == "[1, 6, 30, 30]"
+    assert t.row("fc1").inputs == "[1, 1350]" and t.row("fc1").outputs == "[1, 10]"
+    assert t.row("fc1").params == 13510 and t.ok
+    text = notes.text(t)
+    assert "conv1" in text and "[1, 6, 30, 30]" in text and "13,510" in text
+    html = notes.html(t)
+    assert "<table>" in html and "[1, 6, 30, 30]" in html
+
+
+def test_shape_forms_and_expressions_agree(notes):
+    a = notes.run("%shapes net 1,1,32,32")
+    b = notes.run("%shapes net (1, 1, 32, 32)")
+    c = notes.run("%shapes net input")
+    d = notes.run("%shapes net torch.zeros(1, 1, 32, 32)")
+    assert [r.outputs for r in a.rows] == [r.outputs for r in b.rows] == [r.outputs for r in c.rows] == [r.outputs for r in d.rows]
+
+
+def test_promises_hold(notes):
+    before = snapshot(notes.ns["net"])
+    notes.run("%shapes net 1,1,32,32")
+    assert diff(before, snapshot(notes.ns["net"])) == []
+
+
+def test_failure_names_module(notes):
+    notes.run("net.fc1 = nn.Linear(1344, 10)")
+    before = snapshot(notes.ns["net"])
+    t = notes.run("%shapes net 1,1,32,32")
+    assert not t.ok and t.failure.module == "fc1"
+    assert t.failure.inputs == "[1, 1350]"
+    assert "1350" in t.failure.error
+    assert [r.status for r in t.rows] == ["open", "ok", "failed"]
+    assert diff(before, snapshot(notes.ns["net"])) == []
