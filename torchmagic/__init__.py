@@ -9,8 +9,7 @@ def load_ipython_extension(ipython):
     from .magics import TorchMagics  # imported here so that `import torchmagic` stays cheap
 
     magics = TorchMagics(ipython)
-    ipython.register_magics(magics)
-    ipython.configurables.append(magics)  # %config TorchMagics.widgets = False
+    ipython.register_magics(magics)  # also makes it configurable: %config TorchMagics.widgets = False
     _loaded[id(ipython)] = magics
 
 
@@ -23,5 +22,4 @@ def unload_ipython_extension(ipython):
         for name in names:
             table[kind].pop(name, None)
     ipython.magics_manager.registry.pop(type(magics).__name__, None)
-    if magics in ipython.configurables:
-        ipython.configurables.remove(magics)
+    ipython.configurables[:] = [c for c in ipython.configurables if c is not magics]

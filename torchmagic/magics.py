@@ -47,9 +47,9 @@ class TorchMagics(Magics):
     def _parse(self, magic, line: str):
         name = magic.__name__
         tokens = split_line(line)
-        for t in tokens:
-            if t[:1] == "-" and t[1:2].isdigit():
-                parse_shape(t)  # raises the message about negative sizes
+        for before, t in zip([""] + tokens, tokens):
+            if t[:1] == "-" and t[1:2].isdigit() and not before.startswith("--"):
+                parse_shape(t)  # a positional "-1,3" would read as an option: say what is wrong with it
         try:
             return magic.parser.parse_args(tokens)
         except UsageError as e:
