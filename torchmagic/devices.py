@@ -262,14 +262,18 @@ def move_objects(namespace: dict, names: list[str], device: torch.device) -> tup
         undo.restore()
         if not isinstance(e, Exception):
             raise  # KeyboardInterrupt reaches the user, with everything where it was
-        values = [namespace[n] for n in names + others]
-        raise TorchMagicError(_failed_move(e, current, device, values)) from None
-    return bindings, MoveReport(device=str(device), moved=moved)
+        failure = (type(e), str(e).strip())
+    else:
+        return bindings, MoveReport(device=str(device), moved=moved)
+    # Raised here, not in the except block: the error's traceback holds the tensors copied so far,
+    # and as the context of the user's error it would keep them on the device.
+    del bindings, undo
+    raise TorchMagicError(_failed_move(*failure, current, device, [namespace[n] for n in names + others]))
 
 
-def _failed_move(error: Exception, name: str, device: torch.device, values: list) -> str:
+def _failed_move(kind: type, text: str, name: str, device: torch.device, values: list) -> str:
     undone = "the move was undone, everything is where it was"
-    if isinstance(error, torch.cuda.OutOfMemoryError):
+    if issubclass(kind, torch.cuda.OutOfMemoryError):
         tensors = {id(t): t for v in values for t in _tensors_of(v) if t.device != device}
         size = sum(t.untyped_storage().nbytes() for t in tensors.values() if t.device.type != "meta")
         free = ""
@@ -277,8 +281,8 @@ def _failed_move(error: Exception, name: str, device: torch.device, values: list
             free = f", which has {render.nbytes(torch.cuda.mem_get_info(device)[0])} free"
         return (f"{device} ran out of memory while moving {name!r} ({render.nbytes(size)} to move{free}); {undone}. "
                 f"Free memory (del unused tensors; %memory release after an error) or move fewer objects")
-    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    message = text.splitlines()[0] if text else ""
     if "meta tensor" in message:
         return (f"{name!r} has tensors on the meta device, which hold no data ({message}); {undone}. "
                 f"Materialise it with {name}.to_empty(device=...) and initialise its weights")
-    return f"moving {name!r} to {device} failed with {type(error).__name__}: {message}; {undone}"
+    return f"moving {name!r} to {device} failed with {kind.__name__}: {message}; {undone}"

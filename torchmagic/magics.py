@@ -197,8 +197,8 @@ class TorchMagics(Magics):
         notes = [] if self._memory_history else ["nothing measured yet: %memory on starts measuring every cell"]
         count, size = memory.tensors_held_by(getattr(sys, "last_value", None))
         if count:
-            notes.append(f"the last error keeps {count} tensors ({render_size(size)}) alive in its traceback: "
-                         f"%memory release frees them")
+            notes.append(f"the last error keeps {count} tensor{'s' if count != 1 else ''} ({render_size(size)}) alive "
+                         f"in its traceback: %memory release frees them")
         measures = self._meter.describe() if self._meter is not None else []
         return MemoryHistory(list(self._memory_history), on=self._meter is not None, measures=measures, notes=notes)
 

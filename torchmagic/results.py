@@ -285,6 +285,10 @@ def _size(n: int | None) -> str:
     return "" if n is None else render.nbytes(n)
 
 
+def _tensors(count: int, size: int) -> str:
+    return f"{count} tensor{'s' if count != 1 else ''} ({render.nbytes(size)})"
+
+
 @dataclass(repr=False)
 class CellMemory(Result):
     """What one cell did to memory. Shown after the cell while `%memory on`."""
@@ -339,8 +343,7 @@ class CellMemory(Result):
     def warning(self) -> str:
         if not self.held_tensors:
             return ""
-        return (f"the error keeps {self.held_tensors} tensors ({render.nbytes(self.held_bytes)}) alive in its "
-                f"traceback: %memory release frees them")
+        return f"the error keeps {_tensors(self.held_tensors, self.held_bytes)} alive in its traceback: %memory release frees them"
 
     def to_text(self) -> str:
         head = f"memory, cell {self.cell}" if self.cell is not None else "memory"
@@ -444,7 +447,7 @@ class MemoryRelease(Result):
 
     def _lines(self) -> list[str]:
         if self.held_tensors:
-            head = f"released the last error's frames: {self.held_tensors} tensors ({render.nbytes(self.held_bytes)})"
+            head = f"released the last error's frames: {_tensors(self.held_tensors, self.held_bytes)}"
         else:
             head = "no error's frames held tensors; garbage collected"
         lines = []
