@@ -54,7 +54,7 @@ def run_tests() -> dict:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=480)
         seconds = time.perf_counter() - start
         if not xml.exists():
-            return {"command": " ".join(cmd[2:-1]), "error": proc.stdout[-2000:] + proc.stderr[-2000:]}
+            return {"command": " ".join(c for c in cmd[2:] if not c.startswith("--junitxml")), "error": proc.stdout[-2000:] + proc.stderr[-2000:]}
         suite = ET.parse(xml).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     failed, skipped, passed = [], [], []
@@ -67,7 +67,7 @@ def run_tests() -> dict:
             skipped.append(f"{name}: {case.find('skipped').get('message', '')[:120]}")
         else:
             passed.append(name)
-    return {"command": " ".join(cmd[2:-1]), "passed": len(passed), "failed": failed, "skipped": skipped,
+    return {"command": " ".join(c for c in cmd[2:] if not c.startswith("--junitxml")), "passed": len(passed), "failed": failed, "skipped": skipped,
             "seconds": round(seconds, 1), "output_tail": proc.stdout[-1500:] if failed else ""}
 
 
@@ -283,7 +283,8 @@ def summary_text(s: dict) -> str:
             lines.append(f"  {k}: {v}")
         m = b["memory"]
         lines += ["", f"%memory per cell ({'CUDA initialised' if m['cuda'] else 'CPU'}): off {m['cell_off_us']:.1f} us, "
-                      f"on {m['cell_on_us']:.1f} us, ratio {m['ratio']:.3f}; the meter alone {m['meter_us']:.1f} us"]
+                      f"on {m['cell_on_us']:.1f} us, ratio {m['ratio']:.3f} (+{m['added_us']:.0f} us a cell); "
+                      f"the meter alone {m['meter_us']:.1f} us"]
     lines.append("=" * 72)
     return "\n".join(lines)
 

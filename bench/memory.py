@@ -59,7 +59,7 @@ def measure(cells: int = 1000, rounds: int = 9, cuda: bool = False) -> dict:
     meter.close()
 
     off, on = statistics.median(times["off"]), statistics.median(times["on"])
-    return {"cell_off_us": off * 1e6, "cell_on_us": on * 1e6, "ratio": on / off,
+    return {"cell_off_us": off * 1e6, "cell_on_us": on * 1e6, "ratio": on / off, "added_us": (on - off) * 1e6,
             "meter_us": statistics.median(pairs) * 1e6, "cells": cells, "rounds": rounds,
             "lines_shown": shown, "rss_peak": meter.rss.peak_kind, "cuda": cuda}
 
@@ -69,7 +69,8 @@ def report(r: dict) -> str:
     return "\n".join([
         f"%memory per-cell cost ({where}; {r['rounds']} alternating rounds of {r['cells']} cells `x += 1`, medians)",
         f"  cell with %memory off: {r['cell_off_us']:8.1f} us",
-        f"  cell with %memory on:  {r['cell_on_us']:8.1f} us   ratio on/off: {r['ratio']:.3f}",
+        f"  cell with %memory on:  {r['cell_on_us']:8.1f} us   ratio on/off: {r['ratio']:.3f} "
+        f"(+{r['added_us']:.0f} us a cell)",
         f"  begin+end of the meter alone: {r['meter_us']:.1f} us per cell (RSS peak: {r['rss_peak']})",
         f"  lines shown for these quiet cells: {r['lines_shown']}",
     ])

@@ -158,7 +158,7 @@ class CellMeter:
         if self.rss.peak_kind == "process" and rss_peak <= self._rss_peak_before:
             rss_peak = None  # the cell did not raise the lifetime peak: its own peak is unknown
         held_count, held_bytes = tensors_held_by(error) if error is not None else (0, 0)
-        first = source.strip().splitlines()[0] if source.strip() else ""
+        first = source.lstrip().partition("\n")[0].rstrip()
         return CellMemory(
             cell=cell, source=first[:60], failed=error is not None, device=device,
             dev_before=dev_before, dev_after=dev_after, dev_peak=dev_peak,
