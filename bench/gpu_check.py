@@ -51,10 +51,14 @@ def run_tests() -> dict:
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda",
                "--continue-on-collection-errors", f"--junitxml={xml}", "tests"]
         start = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=480)
+        shown = " ".join(c for c in cmd[2:] if not c.startswith("--junitxml"))
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=480)
+        except subprocess.TimeoutExpired as e:
+            return {"command": shown, "error": f"pytest ran past 480 s and was stopped\n{(e.stdout or b'')[-2000:]!r}"}
         seconds = time.perf_counter() - start
         if not xml.exists():
-            return {"command": " ".join(c for c in cmd[2:] if not c.startswith("--junitxml")), "error": proc.stdout[-2000:] + proc.stderr[-2000:]}
+            return {"command": shown, "error": proc.stdout[-2000:] + proc.stderr[-2000:]}
         suite = ET.parse(xml).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     failed, skipped, passed = [], [], []
@@ -67,7 +71,7 @@ def run_tests() -> dict:
             skipped.append(f"{name}: {case.find('skipped').get('message', '')[:120]}")
         else:
             passed.append(name)
-    return {"command": " ".join(c for c in cmd[2:] if not c.startswith("--junitxml")), "passed": len(passed), "failed": failed, "skipped": skipped,
+    return {"command": shown, "passed": len(passed), "failed": failed, "skipped": skipped,
             "seconds": round(seconds, 1), "output_tail": proc.stdout[-1500:] if failed else ""}
 
 

@@ -1,5 +1,6 @@
 """The CUDA paths, through a real shell on a real GPU. Every test here skips without CUDA;
 `python bench/gpu_check.py` runs them (and the GPU benchmarks) on a machine with one."""
+import gc
 import subprocess
 import sys
 import warnings
@@ -24,6 +25,14 @@ big_opt = torch.optim.Adam(big.parameters(), lr=1e-4)
 big(torch.randn(2, 4096)).sum().backward()
 big_opt.step()                                                         # Adam moments exist
 '''
+
+
+@pytest.fixture(autouse=True)
+def _settled():
+    """Memory freed by earlier tests' garbage must not land inside a measured cell."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    yield
 
 
 def count_syncs(fn) -> int:

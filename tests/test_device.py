@@ -2,7 +2,6 @@
 state together, and moves that fail part-way being undone. The CUDA cases are in test_cuda.py."""
 import pytest
 import torch
-from torch import nn
 
 from snapshot import diff, snapshot
 from torchmagic import devices
@@ -12,7 +11,6 @@ from torchmagic.results import DeviceReport, MoveReport
 # Objects whose move fails part-way, as a move to a full GPU does: no mock, real torch types.
 REFUSING = '''
 import torch
-from torch import nn
 
 class Pinned(nn.Module):
     """A layer whose move runs out of memory."""

@@ -2,7 +2,6 @@
 each cell is a real display, and the tensors measured are really allocated. CUDA cases: test_cuda.py."""
 import dataclasses
 import gc
-import weakref
 
 import pytest
 import torch
@@ -12,6 +11,13 @@ from torchmagic import memory
 from torchmagic.results import CellMemory, MemoryHistory
 
 MB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def _settled():
+    """Memory freed by earlier tests' garbage must not land inside a measured cell."""
+    gc.collect()
+    yield
 
 
 def cell(shell, code):

@@ -17,6 +17,7 @@ What can be measured honestly:
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import resource
 import sys
@@ -207,7 +208,7 @@ def tensors_held_by(error: BaseException | None) -> tuple[int, int]:
     for frame in _frames(error):
         for value in list(frame.f_locals.values()):
             items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else (value,)
-            for item in items:
+            for item in itertools.islice(items, 10_000):  # a huge list of numbers is not worth the wait
                 if isinstance(item, torch.Tensor):
                     count += 1
                     key, size = _storage(item)
