@@ -11,6 +11,7 @@ from torchmagic.results import DeviceReport, MoveReport
 # Objects whose move fails part-way, as a move to a full GPU does: no mock, real torch types.
 REFUSING = '''
 import torch
+from torch import nn
 
 class Pinned(nn.Module):
     """A layer whose move runs out of memory."""
