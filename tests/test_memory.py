@@ -192,3 +192,22 @@ def test_meter_alone_without_ipython():
     assert record.rss_change >= 24 * MB and record.notable(MB)
     assert meter.end(8, "") is None  # no cell was begun
     del keep
+
+
+def test_line_belongs_to_its_cell_in_a_real_kernel():
+    """In a notebook the line is a display output of the very cell it measures."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    from pathlib import Path
+
+    nb = nbformat.v4.new_notebook()
+    sources = ["%load_ext torchmagic\n%memory on", "import torch\nx = torch.ones(64 * 2**20 // 4)", "y = 1", "%memory"]
+    nb.cells = [nbformat.v4.new_code_cell(s) for s in sources]
+    root = Path(__file__).resolve().parents[1]  # the kernel imports the checkout's torchmagic
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(root)}}).execute()
+    on, alloc, quiet, history = (c.outputs for c in nb.cells)
+    assert [o.output_type for o in alloc] == ["display_data"]
+    assert "RSS +" in alloc[0].data["text/plain"] and alloc[0].data["text/html"].startswith("<div")
+    assert quiet == []
+    assert "<svg" in history[0].data["text/html"] and "2 cells measured" in history[0].data["text/plain"]
