@@ -130,6 +130,16 @@ def test_failed_cell_memory_is_named_and_released(shell):
     assert "no error's frames held tensors" in shell.text(shell.run("%memory release"))
 
 
+def test_only_what_the_error_alone_holds_is_counted(shell):
+    """The input the failed call was given stays in the namespace: releasing would not free it."""
+    shell.run("import torch\nbatch = torch.ones(16 * 2**20 // 4)\nnet = torch.nn.Linear(1024, 1024)")
+    shell.run("%memory on")
+    _, shown = cell(shell, "def step(x, model):\n    tmp = model(x.view(-1, 1024)) * 2\n    raise ValueError('nan')\nstep(batch, net)")
+    assert "the error keeps 1 tensor (16.0 MB) alive" in shown[0]  # tmp only, not batch nor the weights
+    _, shown = cell(shell, "%device cpu batch nothing_here")  # a magic's own error holds nothing
+    assert not any("keeps" in line for line in shown)
+
+
 def test_release_without_memory_on(shell):
     """Releasing works whether or not %memory is on: the error happened either way."""
     shell.error(FAILING)

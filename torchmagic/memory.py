@@ -23,6 +23,7 @@ import resource
 import sys
 
 import torch
+from torch import nn
 
 from .results import CellMemory, MemoryRelease
 
@@ -189,32 +190,63 @@ def _tracebacks(error: BaseException | None):
         error = error.__cause__ or error.__context__
 
 
-def _frames(error: BaseException | None):
+def _frames(error: BaseException | None) -> list:
+    frames = []
     for tb in _tracebacks(error):
         while tb is not None:
-            frame = tb.tb_frame
-            if frame.f_locals is not frame.f_globals:  # a cell's own top level is the user's namespace
-                yield frame
+            frames.append(tb.tb_frame)
             tb = tb.tb_next
+    return frames
+
+
+def _tensors_in(value):
+    """Tensors in a value: itself, or directly inside a list, tuple or dict."""
+    if isinstance(value, torch.Tensor):
+        return (value,)
+    if isinstance(value, dict):
+        value = value.values()
+    elif not isinstance(value, (list, tuple)):
+        return ()
+    # A huge list of numbers is not worth the wait.
+    return [v for v in itertools.islice(value, 10_000) if isinstance(v, torch.Tensor)]
+
+
+def _namespace_storages(namespace: dict) -> set:
+    """Storages the namespace keeps alive anyway: its tensors, and its models' and optimizers'."""
+    keys = set()
+    for value in list(namespace.values()):
+        if isinstance(value, nn.Module):
+            tensors = [*value.parameters(), *value.buffers(), *(p.grad for p in value.parameters() if p.grad is not None)]
+        elif isinstance(value, torch.optim.Optimizer):
+            tensors = [t for state in value.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+        else:
+            tensors = _tensors_in(value)
+        keys.update(_storage(t)[0] for t in tensors)
+    return keys
 
 
 def tensors_held_by(error: BaseException | None) -> tuple[int, int]:
-    """How many tensors, and how many bytes of their storage, the frames of a failed call keep alive.
+    """How many tensors, and how many bytes of their storage, only the traceback of a failed call
+    keeps alive.
 
     Counts the local variables of every function frame in the traceback (and tensors directly in a
-    list, tuple or dict there), each storage once. Some may be referenced elsewhere too."""
+    list, tuple or dict there), each storage once, leaving out what the namespaces of those frames
+    hold anyway (their tensors, models and optimizers). Some may be referenced elsewhere too."""
+    frames = _frames(error)
+    namespaces = {id(f.f_globals): f.f_globals for f in frames}
+    known = set().union(*(_namespace_storages(ns) for ns in namespaces.values())) if frames else set()
     storages: dict[tuple, int] = {}
-    count = 0
-    for frame in _frames(error):
+    for frame in frames:
+        if frame.f_locals is frame.f_globals:  # a cell's own top level is the namespace
+            continue
         for value in list(frame.f_locals.values()):
-            items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else (value,)
-            for item in itertools.islice(items, 10_000):  # a huge list of numbers is not worth the wait
-                if isinstance(item, torch.Tensor):
-                    count += 1
-                    key, size = _storage(item)
-                    if key is not None:
-                        storages[key] = size
-    return count, sum(storages.values())
+            if id(value) in namespaces:  # e.g. a function handed the user's namespace
+                continue
+            for t in _tensors_in(value):
+                key, size = _storage(t)
+                if key is not None and key not in known:
+                    storages[key] = size
+    return len(storages), sum(storages.values())
 
 
 def _storage(t: torch.Tensor) -> tuple[tuple | None, int]:
