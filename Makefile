@@ -24,7 +24,7 @@ unit: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .whl
+	rm -rf $(VENV) build dist *.egg-info .whl .venv-gpucheck
 
 # Wheels for a GPU machine that has torch (and pytest, numpy) but not IPython, ipywidgets or
 # torchinfo, for Python 3.12 on x86-64 Linux; see "Checking the GPU paths" in README.md.

@@ -102,6 +102,9 @@ class TorchMagics(Magics):
             %device                      # CPU threads, CUDA devices and memory, MPS, defaults
             %device auto                 # the best available; binds `device`
             %device cuda net opt x y     # move a model, its optimizer state and tensors
+
+        Parameters keep their identity (the optimizer still holds them). A move that fails
+        part-way, e.g. out of memory, is undone: everything stays where it was.
         """
         args = self._parse(self.device, line)
         if args.target is None:
