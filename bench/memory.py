@@ -70,7 +70,7 @@ def report(r: dict) -> str:
         f"%memory per-cell cost ({where}; {r['rounds']} alternating rounds of {r['cells']} cells `x += 1`, medians)",
         f"  cell with %memory off: {r['cell_off_us']:8.1f} us",
         f"  cell with %memory on:  {r['cell_on_us']:8.1f} us   ratio on/off: {r['ratio']:.3f} "
-        f"(+{r['added_us']:.0f} us a cell)",
+        f"({r['added_us']:+.0f} us a cell)",
         f"  begin+end of the meter alone: {r['meter_us']:.1f} us per cell (RSS peak: {r['rss_peak']})",
         f"  lines shown for these quiet cells: {r['lines_shown']}",
     ])
