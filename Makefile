@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0+cpu
 BIN := $(VENV)/bin
 
-.PHONY: demo test unit clean
+.PHONY: demo test unit clean gpu-wheels gpu-wheels-check
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,4 +24,26 @@ unit: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) build dist *.egg-info .whl .venv-gpucheck
+
+# Wheels for a GPU machine that has torch (and pytest, numpy) but not IPython, ipywidgets or
+# torchinfo, for Python 3.12 on x86-64 Linux; see "Checking the GPU paths" in README.md.
+GPU_WHEELS := ipython==9.18.1 ipython-pygments-lexers==1.1.1 pygments==2.21.0 jedi==0.20.1 parso==0.8.7 \
+	matplotlib-inline==0.2.2 pexpect==4.9.0 ptyprocess==0.7.0 prompt-toolkit==3.0.53 wcwidth==0.9.4 \
+	stack-data==0.6.3 executing==2.3.0 asttokens==3.0.2 pure-eval==0.2.4 traitlets==5.16.1 psutil==7.2.2 \
+	ipywidgets==8.1.9 comm==0.2.3 widgetsnbextension==4.0.16 jupyterlab-widgets==3.0.17 torchinfo==1.8.0
+
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl
+	$(PYTHON) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+
+# The wheels are complete: a Python with only torch, pytest and numpy runs the GPU check with them.
+gpu-wheels-check: gpu-wheels
+	rm -rf .venv-gpucheck /tmp/torchmagic-site
+	$(PYTHON) -m venv .venv-gpucheck
+	.venv-gpucheck/bin/python -m pip install -q --disable-pip-version-check "$(TORCH)" pytest numpy
+	.venv-gpucheck/bin/python -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile \
+		--target /tmp/torchmagic-site .whl/*.whl
+	PYTHONPATH=/tmp/torchmagic-site:. .venv-gpucheck/bin/python bench/gpu_check.py

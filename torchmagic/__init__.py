@@ -17,6 +17,7 @@ def unload_ipython_extension(ipython):
     magics = _loaded.pop(id(ipython), None)
     if magics is None:
         return
+    magics.close()  # event handlers (%memory) go with the magics
     table = ipython.magics_manager.magics
     for kind, names in magics.magics.items():
         for name in names:

@@ -3,20 +3,25 @@ return its result. Only this module and ui.py import IPython."""
 from __future__ import annotations
 
 import ast
+import collections
 import functools
+import sys
 import weakref
 
 import torch
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
+from IPython.display import display
 from torch import nn
-from traitlets import Bool
+from traitlets import Bool, Int
 
-from . import devices, summary, tracing, training, ui
+from . import devices, memory, summary, tracing, training, ui
 from .errors import TorchMagicError
 from .inputs import ShapeSpec, build_call
 from .parsing import looks_like_shape, parse_shape, split_line
+from .render import nbytes as render_size
+from .results import MemoryHistory, MemoryStatus
 
 
 def usage_errors(func):
@@ -36,11 +41,19 @@ def usage_errors(func):
 @magics_class
 class TorchMagics(Magics):
     widgets = Bool(True, help="Show ipywidgets controls in a Jupyter kernel (False: text results only).").tag(config=True)
+    memory_min_change = Int(1 << 20, help="With %memory on, show a line after a cell only when it changed or "
+                                          "peaked memory by at least this many bytes (0: after every cell).").tag(config=True)
 
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell=shell, **kwargs)
         self.selected_device: str | None = None
         self._steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._meter: memory.CellMeter | None = None  # set while %memory is on
+        self._memory_history: collections.deque = collections.deque(maxlen=1000)
+
+    def close(self):
+        """Called when the extension is unloaded: remove the event handlers this instance registered."""
+        self._memory_stop()
 
     # ------------------------------------------------------------ helpers
 
@@ -89,6 +102,9 @@ class TorchMagics(Magics):
             %device                      # CPU threads, CUDA devices and memory, MPS, defaults
             %device auto                 # the best available; binds `device`
             %device cuda net opt x y     # move a model, its optimizer state and tensors
+
+        Parameters keep their identity (the optimizer still holds them). A move that fails
+        part-way, e.g. out of memory, is undone: everything stays where it was.
         """
         args = self._parse(self.device, line)
         if args.target is None:
@@ -99,6 +115,102 @@ class TorchMagics(Magics):
         self.shell.user_ns["device"] = target
         self.selected_device = str(target)
         return report
+
+    # ------------------------------------------------------------ %memory
+
+    @magic_arguments()
+    @argument("action", nargs="?", choices=["on", "off", "release", "clear"],
+              help="on: a line after each cell; off: stop; release: free what the last error keeps alive; "
+                   "clear: forget the history. Without it: the history.")
+    @line_magic
+    @usage_errors
+    def memory(self, line):
+        """Memory per cell: what each cell left allocated and its peak (CUDA, MPS, and the process's RSS).
+
+            %memory on        # after each cell that changed memory: change, now, peak
+            %memory           # the history as a table (a small chart in a notebook)
+            %memory release   # free the tensors a failed cell's traceback keeps alive
+            %memory off       # stop (%memory clear forgets the history)
+
+        Cells that change memory by less than TorchMagics.memory_min_change (1 MB) show nothing
+        but are kept in the history. With CUDA, the peak counter (torch.cuda.max_memory_allocated)
+        is reset at each cell's start. After %memory release, %debug has nothing to inspect.
+        """
+        action = self._parse(self.memory, line).action
+        if action == "on":
+            return self._memory_start()
+        if action == "off":
+            was_on = self._memory_stop()
+            return MemoryStatus("memory reporting off" if was_on else "memory reporting was not on",
+                                [f"{len(self._memory_history)} cells in the history: %memory shows them"])
+        if action == "clear":
+            self._memory_history.clear()
+            return MemoryStatus("memory history cleared")
+        if action == "release":
+            return self._memory_release()
+        return self._memory_report()
+
+    def _memory_start(self):
+        if self._meter is not None:
+            return MemoryStatus("memory reporting is already on", self._meter.describe())
+        self._meter = memory.CellMeter()
+        self.shell.events.register("pre_run_cell", self._memory_pre)
+        self.shell.events.register("post_run_cell", self._memory_post)
+        threshold = render_size(self.memory_min_change)
+        return MemoryStatus(f"memory reporting on: a line after each cell that changes memory by {threshold} or more",
+                            [*self._meter.describe(), "%memory shows the history, %memory off stops"])
+
+    def _memory_stop(self) -> bool:
+        if self._meter is None:
+            return False
+        for event, handler in (("pre_run_cell", self._memory_pre), ("post_run_cell", self._memory_post)):
+            if handler in self.shell.events.callbacks[event]:
+                self.shell.events.unregister(event, handler)
+        self._meter.close()
+        self._meter = None
+        return True
+
+    def _memory_pre(self, info=None):
+        try:
+            self._meter.begin(prefer=self.selected_device)
+        except Exception as e:  # a failing handler would print a traceback before every cell
+            self._memory_failed(e)
+
+    def _memory_post(self, result=None):
+        if self._meter is None:
+            return
+        source = getattr(getattr(result, "info", None), "raw_cell", None) or ""
+        try:
+            record = self._meter.end(getattr(result, "execution_count", None), source,
+                                     getattr(result, "error_in_exec", None))
+        except Exception as e:
+            self._memory_failed(e)
+            return
+        if record is None or source.lstrip().startswith("%memory"):
+            return  # an empty cell, or %memory itself
+        self._memory_history.append(record)
+        if record.notable(self.memory_min_change):
+            display(record)
+
+    def _memory_failed(self, error: Exception):
+        self._memory_stop()
+        display(MemoryStatus(f"%memory turned itself off: measuring failed with {type(error).__name__}: {error}"))
+
+    def _memory_report(self) -> MemoryHistory:
+        notes = [] if self._memory_history else ["nothing measured yet: %memory on starts measuring every cell"]
+        count, size = memory.tensors_held_by(getattr(sys, "last_value", None))
+        if count:
+            notes.append(f"the last error keeps {count} tensor{'s' if count != 1 else ''} ({render_size(size)}) alive "
+                         f"in its traceback: %memory release frees them")
+        measures = self._meter.describe() if self._meter is not None else []
+        return MemoryHistory(list(self._memory_history), on=self._meter is not None, measures=measures, notes=notes)
+
+    def _memory_release(self):
+        last = getattr(self.shell, "last_execution_result", None)
+        tb_printer = getattr(self.shell, "InteractiveTB", None)
+        if getattr(tb_printer, "tb", None) is not None:
+            del tb_printer.tb  # IPython's traceback printer keeps the last traceback for %debug
+        return memory.release([getattr(last, "error_in_exec", None)])
 
     # ------------------------------------------------------------ %shapes
 

@@ -187,6 +187,7 @@ class CudaInfo:
     reserved: int
     total: int
     current: bool
+    allocated: int = 0  # by torch's caching allocator in this process
 
 
 @dataclass(repr=False)
@@ -204,7 +205,8 @@ class DeviceReport(Result):
     def _rows(self) -> list[list[str]]:
         rows = [["cpu", f"{self.cpu_threads} threads ({self.cpu_interop_threads} inter-op)", "available"]]
         for c in self.cuda:
-            mem = f"{render.nbytes(c.used)} used / {render.nbytes(c.total)} (torch reserved {render.nbytes(c.reserved)})"
+            mem = (f"{render.nbytes(c.used)} used / {render.nbytes(c.total)} "
+                   f"(torch allocated {render.nbytes(c.allocated)}, reserved {render.nbytes(c.reserved)})")
             rows.append([f"cuda:{c.index}", f"{c.name}, capability {c.capability}, {mem}", "current" if c.current else "available"])
         if not self.cuda:
             rows.append(["cuda", self.cuda_note, "not available"])
@@ -270,3 +272,210 @@ class StepResult(Result):
     def _repr_html_(self) -> str:
         lines = self._lines()
         return render.html_block(lines[0], [], lines[1:])
+
+
+# ---------------------------------------------------------------- %memory
+
+
+def _signed(n: int) -> str:
+    return ("+" if n >= 0 else "-") + render.nbytes(abs(n))
+
+
+def _size(n: int | None) -> str:
+    return "" if n is None else render.nbytes(n)
+
+
+def _tensors(count: int, size: int) -> str:
+    return f"{count} tensor{'s' if count != 1 else ''} ({render.nbytes(size)})"
+
+
+@dataclass(repr=False)
+class CellMemory(Result):
+    """What one cell did to memory. Shown after the cell while `%memory on`."""
+
+    cell: int | None
+    source: str  # the cell's first line
+    failed: bool
+    device: str  # "cuda:0", "mps", or "" when no GPU is in use
+    dev_before: int | None
+    dev_after: int | None
+    dev_peak: int | None  # None on MPS: torch keeps no peak there
+    rss_before: int | None
+    rss_after: int | None
+    rss_peak: int | None  # None when it cannot be known for this cell
+    rss_peak_kind: str  # "cell" (reset at the cell's start) or "process" (lifetime peak, only grows)
+    held_tensors: int = 0  # tensors the failed cell's frames keep alive
+    held_bytes: int = 0
+
+    @property
+    def dev_change(self) -> int | None:
+        return None if self.dev_after is None else self.dev_after - (self.dev_before or 0)
+
+    @property
+    def rss_change(self) -> int | None:
+        return None if self.rss_after is None or self.rss_before is None else self.rss_after - self.rss_before
+
+    def notable(self, threshold: int) -> bool:
+        """Worth a line after the cell: something changed or peaked by at least `threshold` bytes,
+        or a failed cell keeps tensors alive."""
+        sizes = [self.dev_change, self.rss_change]
+        if self.dev_peak is not None:
+            sizes.append(self.dev_peak - (self.dev_before or 0))
+        if self.rss_peak is not None and self.rss_before is not None:
+            sizes.append(self.rss_peak - self.rss_before)
+        return self.held_tensors > 0 or any(s is not None and abs(s) >= threshold for s in sizes)
+
+    def _parts(self) -> list[str]:
+        parts = []
+        if self.dev_after is not None:
+            peak = f", peak {render.nbytes(self.dev_peak)}" if self.dev_peak is not None else ", no peak kept on MPS"
+            parts.append(f"{self.device} {_signed(self.dev_change)} ({render.nbytes(self.dev_after)} allocated{peak})")
+        if self.rss_change is not None:
+            if self.rss_peak is None:
+                peak = ""
+            elif self.rss_peak_kind == "cell":
+                peak = f", peak {render.nbytes(self.rss_peak)}"
+            else:
+                peak = f", process peak rose to {render.nbytes(self.rss_peak)}"
+            parts.append(f"RSS {_signed(self.rss_change)} ({render.nbytes(self.rss_after)}{peak})")
+        return parts
+
+    def warning(self) -> str:
+        if not self.held_tensors:
+            return ""
+        return f"the error keeps {_tensors(self.held_tensors, self.held_bytes)} alive in its traceback: %memory release frees them"
+
+    def to_text(self) -> str:
+        head = f"memory, cell {self.cell}" if self.cell is not None else "memory"
+        return " · ".join([head, *self._parts(), *filter(None, [self.warning()])])
+
+    def _repr_html_(self) -> str:
+        import html
+
+        warning = self.warning()
+        warn = f' · <span style="color:var(--jp-warn-color0,#b35c00)">{html.escape(warning)}</span>' if warning else ""
+        head = f"memory, cell {self.cell}" if self.cell is not None else "memory"
+        text = html.escape(" · ".join([head, *self._parts()]))
+        return ('<div style="font-family:var(--jp-code-font-family,monospace);font-size:11px;'
+                f'color:var(--jp-content-font-color2,#666)">{text}{warn}</div>')
+
+
+@dataclass(repr=False)
+class MemoryHistory(Result):
+    """`%memory`: the cells measured since `%memory on`, as a table (and a small chart in a notebook)."""
+
+    records: list[CellMemory]
+    on: bool
+    measures: list[str] = field(default_factory=list)  # what is measured here, in words
+    notes: list[str] = field(default_factory=list)
+
+    def _title(self) -> str:
+        state = "on" if self.on else "off (%memory on starts it)"
+        return f"memory per cell: {len(self.records)} cells measured, reporting {state}"
+
+    def _table(self):
+        with_dev = any(r.dev_after is not None for r in self.records)
+        columns = ["cell", "code"] + (["device", "change", "allocated", "peak"] if with_dev else [])
+        columns += ["RSS change", "RSS", "RSS peak"]
+        cells = []
+        for r in self.records:
+            row = [str(r.cell) + (" ✗" if r.failed else ""), r.source]
+            if with_dev:
+                row += [r.device, _signed(r.dev_change) if r.dev_change is not None else "",
+                        _size(r.dev_after), _size(r.dev_peak)]
+            row += [_signed(r.rss_change) if r.rss_change is not None else "", _size(r.rss_after), _size(r.rss_peak)]
+            cells.append(row)
+        numeric = {i for i, c in enumerate(columns) if c not in ("cell", "code", "device")}
+        return columns, cells, numeric
+
+    def _notes(self) -> list[str]:
+        return [*self.measures, *self.notes]
+
+    def to_text(self) -> str:
+        if not self.records:
+            return "\n".join([self._title(), *self._notes()])
+        columns, cells, numeric = self._table()
+        return "\n".join([self._title(), render.text_table(columns, cells, numeric), *self._notes()])
+
+    def _repr_html_(self) -> str:
+        if not self.records:
+            return render.html_block(self._title(), [], self._notes())
+        columns, cells, numeric = self._table()
+        return render.html_block(self._title(), [self.chart_svg(), render.html_table(columns, cells, numeric)],
+                                 self._notes())
+
+    def chart_svg(self, width: int = 420, height: int = 90) -> str:
+        """Allocated memory after each cell (a line) and each cell's peak (a tick above it), as inline SVG."""
+        with_dev = any(r.dev_after is not None for r in self.records)
+        now = [(r.dev_after if with_dev else r.rss_after) for r in self.records]
+        peaks = [(r.dev_peak if with_dev else r.rss_peak) for r in self.records]
+        top = max([v for v in now + peaks if v is not None] + [1])
+        n = len(self.records)
+        pad = 4
+
+        def x(i):
+            return pad + (width - 2 * pad) * (i + 0.5) / n
+
+        def y(v):
+            return height - pad - (height - 2 * pad - 12) * v / top
+
+        points = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(now) if v is not None)
+        ticks = "".join(f'<line x1="{x(i):.1f}" x2="{x(i):.1f}" y1="{y(now[i] or 0):.1f}" y2="{y(p):.1f}" '
+                        f'stroke="#e07b00" stroke-width="2"/>'
+                        for i, p in enumerate(peaks) if p is not None and now[i] is not None)
+        label = f"{'allocated' if with_dev else 'RSS'} after each cell (line), peak (orange), max {render.nbytes(top)}"
+        return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">'
+                f'<title>{label}</title>'
+                f'<text x="{pad}" y="10" font-size="10" fill="currentColor">{label}</text>{ticks}'
+                f'<polyline points="{points}" fill="none" stroke="#1f77b4" stroke-width="1.5"/>'
+                + "".join(f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="2" fill="#1f77b4"/>'
+                          for i, v in enumerate(now) if v is not None)
+                + "</svg>")
+
+
+@dataclass(repr=False)
+class MemoryRelease(Result):
+    """`%memory release`: what freeing the last error's frames gave back."""
+
+    held_tensors: int
+    held_bytes: int
+    device: str
+    dev_before: int | None
+    dev_after: int | None
+    rss_before: int | None
+    rss_after: int | None
+
+    def _lines(self) -> list[str]:
+        if self.held_tensors:
+            head = f"released the last error's frames: {_tensors(self.held_tensors, self.held_bytes)}"
+        else:
+            head = "no error's frames held tensors; garbage collected"
+        lines = []
+        if self.dev_after is not None:
+            lines.append(f"{self.device} allocated: {render.nbytes(self.dev_before)} -> {render.nbytes(self.dev_after)}")
+        if self.rss_after is not None and self.rss_before is not None:
+            lines.append(f"RSS: {render.nbytes(self.rss_before)} -> {render.nbytes(self.rss_after)}")
+        if self.held_tensors:
+            lines.append("%debug has nothing left to inspect for that error")
+        return [head, *lines]
+
+    def to_text(self) -> str:
+        return "\n".join(self._lines())
+
+    def _repr_html_(self) -> str:
+        lines = self._lines()
+        return render.html_block(lines[0], [], lines[1:])
+
+
+@dataclass(repr=False)
+class MemoryStatus(Result):
+    """`%memory on` / `%memory off`: what is now measured."""
+
+    title: str
+    lines: list[str] = field(default_factory=list)
+
+    def to_text(self) -> str:
+        return "\n".join([self.title, *self.lines])
+
+    def _repr_html_(self) -> str:
+        return render.html_block(self.title, [], self.lines)
