@@ -36,7 +36,7 @@ except ImportError as e:  # a torch that moved its private API: real mode still 
     DataDependentOutputException = DynamicOutputShapeException = ()
     flop_registry = {}
 
-_DATA_MESSAGES = ("cannot be called on meta tensors", "data-dependent", "data dependent",
+_DATA_MESSAGES = ("cannot be called on meta tensors", "data-dependent", "data dependent", "data-independent",
                   "doesn't have storage", "does not have storage", "Cannot copy out of meta tensor")
 
 
@@ -94,8 +94,7 @@ class Shadow:
         """Stand-ins for every parameter and buffer by qualified name; a tied weight gets one stand-in."""
         made: dict[int, torch.Tensor] = {}
         out = {}
-        named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
-        for name, t in named:
+        for name, t in _named_tensors(model):
             if id(t) not in made:
                 made[id(t)] = self.tensor(t)
             out[name] = made[id(t)]
@@ -118,9 +117,16 @@ class Shadow:
         log.setLevel(logging.CRITICAL)  # it logs a traceback for every failing op: the result reports it once
         try:
             with self.mode():
+                if all(state[k] is v for k, v in _named_tensors(model)):
+                    return model(*args, **kwargs)  # a model on meta in meta mode: nothing to swap
                 return torch.func.functional_call(model, state, args, kwargs, tie_weights=True, strict=False)
         finally:
             log.setLevel(level)
+
+
+def _named_tensors(model: nn.Module):
+    yield from model.named_parameters(remove_duplicate=False)
+    yield from model.named_buffers(remove_duplicate=False)
 
 
 def _nbytes(value) -> int:
@@ -137,19 +143,26 @@ if TorchDispatchMode is not None:
         def __init__(self, on_op):
             super().__init__()
             self.on_op = on_op
+            self.fresh: dict = {}  # op -> whether it returns new tensors (not views or in-place results)
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             out = func(*args, **kwargs)
+            fresh = self.fresh.get(func)
+            if fresh is None:
+                fresh = self.fresh[func] = all(r.alias_info is None for r in func._schema.returns)
             packet = func._overloadpacket
+            formula = flop_registry.get(packet)
             flops = 0
-            if packet in flop_registry:
-                flops = flop_registry[packet](*args, **kwargs, out_val=out)
+            if formula is not None:
+                flops = formula(*args, **kwargs, out_val=out)
             elif packet is _SDPA_CPU:  # the CPU attention kernel is missing from torch's table
-                q, k, v = args[:3]
-                flops = sdpa_flop_count(q.shape, k.shape, v.shape)
-            fresh = all(r.alias_info is None for r in func._schema.returns)
-            self.on_op(int(flops), _nbytes(out) if fresh else 0)
+                flops = sdpa_flop_count(args[0].shape, args[1].shape, args[2].shape)
+            nbytes = 0
+            if fresh:
+                nbytes = out.numel() * out.element_size() if isinstance(out, torch.Tensor) else _nbytes(out)
+            if flops or nbytes:
+                self.on_op(int(flops), nbytes)
             return out
 else:
     Counter = None

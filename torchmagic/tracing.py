@@ -236,14 +236,15 @@ class _Ops(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def recording(recorder: Recorder, *, count: bool = True):
+def recording(recorder: Recorder, *, ops: bool = True, count: bool = True):
     """Global module hooks, the op recorder and the FLOP counter, all removed on exit."""
     handles = []
     try:
         handles.append(nn_module.register_module_forward_pre_hook(recorder.pre))
         handles.append(nn_module.register_module_forward_hook(recorder.post, with_kwargs=True))
         with contextlib.ExitStack() as modes:
-            modes.enter_context(_Ops(recorder))
+            if ops:
+                modes.enter_context(_Ops(recorder))
             if count and fake.Counter is not None:
                 modes.enter_context(fake.Counter(recorder.count))
             yield recorder
@@ -330,7 +331,7 @@ def _shadow_values(shadow: fake.Shadow, model: nn.Module, values: list) -> list:
     return [convert(v) for v in values]
 
 
-def _run(model: nn.Module, values: list, name: str, mode: str) -> tuple[Recorder, ShapeFailure | None, bool]:
+def _run(model: nn.Module, values: list, name: str, mode: str, ops: bool) -> tuple[Recorder, ShapeFailure | None, bool]:
     """One forward in this mode under the guard. Returns the recorder, the failure, and whether the
     failure came from reading values that fake/meta tensors lack."""
     failure, needs_values = None, False
@@ -348,7 +349,7 @@ def _run(model: nn.Module, values: list, name: str, mode: str) -> tuple[Recorder
                 raise TorchMagicError(f"{mode} mode cannot copy the model or input ({type(e).__name__}: {e}); "
                                       f"use --mode real") from None
         recorder = Recorder(module_names(model, name), values=shadow.values if shadow else None)
-        with recording(recorder):
+        with recording(recorder, ops=ops):
             try:
                 if shadow is not None:
                     shadow.call(model, state, args, kwargs)
@@ -379,14 +380,17 @@ def trace_shapes(model: nn.Module, values: list, *, name: str, mode: str = "auto
         if mode == "real" and any(not fake.has_data(t) for t in _tensors(model)):
             raise TorchMagicError(f"{name} has meta or fake tensors, which hold no data for a real forward: "
                                   f"use --mode meta or --mode fake")
-    recorder, failure, needs_values = _run(model, values, name, mode)
+    recorder, failure, needs_values = _run(model, values, name, mode, ops)
+    if failure is not None and not ops and not needs_values:
+        # Again with the op recorder (it costs time): the explanation names the view or flatten that made the input.
+        recorder, failure, needs_values = _run(model, values, name, mode, True)
     if needs_values:
         has_data = all(fake.has_data(t) for t in _tensors(model))
         if why != "asked for" and has_data:
             notes.append(f"{mode} mode stopped at {failure.module}: it reads tensor values, which {mode} tensors "
                          f"lack; ran a real forward instead")
             mode, why = "real", "fell back from " + mode
-            recorder, failure, needs_values = _run(model, values, name, "real")
+            recorder, failure, needs_values = _run(model, values, name, "real", True)
         else:
             failure.explanation = (f"{failure.module} reads tensor values (e.g. .item(), nonzero or a boolean "
                                    f"mask), which {mode} tensors do not have")
