@@ -74,7 +74,7 @@ def _hint_device_dtype(module: nn.Module, name: str, x: torch.Tensor, error: str
     p = next(module.parameters(recurse=False), None)
     if p is None or x is None:
         return "", ""
-    if p.device != x.device:
+    if p.device != x.device and "meta" not in (p.device.type, x.device.type):  # meta mode swaps devices
         return (f"{name}'s weights are on {p.device} but its input is on {x.device}",
                 f"move the input to the model's device, e.g. x = x.to('{p.device}') (or %device {p.device.type} NAME)")
     if p.dtype != x.dtype and p.is_floating_point():

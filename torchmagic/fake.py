@@ -45,6 +45,11 @@ def available(mode: str):
         raise TorchMagicError(f"--mode {mode} needs torch's FakeTensorMode: {UNAVAILABLE}; use --mode real")
 
 
+def outside_modes():
+    """Run real tensor code inside a fake or counted forward (reading the user's real token ids)."""
+    return torch.utils._python_dispatch._disable_current_modes()
+
+
 def is_fake(t) -> bool:
     return FakeTensor is not None and isinstance(t, FakeTensor)
 

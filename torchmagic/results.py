@@ -57,6 +57,7 @@ class ShapeFailure:
     error: str  # "RuntimeError: mat1 and mat2 shapes cannot be multiplied (1x1344 and 1350x10)"
     explanation: str = ""
     fix: str = ""
+    within: str = ""  # for a failed op: the module whose forward ran it
 
     @property
     def message(self) -> str:
@@ -65,6 +66,7 @@ class ShapeFailure:
 
     def lines(self) -> list[str]:
         what = f"{self.module} ({self.cls})" if self.cls else self.module
+        what += f" in {self.within}" if self.within else ""
         out = [f"{what} failed on input {self.inputs}" if self.inputs else f"{what} failed", f"  {self.error}"]
         if self.explanation:
             out.append(f"  why: {self.explanation}")

@@ -133,8 +133,9 @@ class Recorder:
             self.stack.append((module, len(self.rows), args))
             self.rows.append(row)
             self.row_modules.append(module)
-            if isinstance(module, nn.Embedding) and self.values and args:
-                explain.check_ids(module, self.values.get(id(args[0])))
+            if isinstance(module, nn.Embedding) and self.values and args and id(args[0]) in self.values:
+                with fake.outside_modes():
+                    explain.check_ids(module, self.values[id(args[0])])
         finally:
             self.busy = False
 
@@ -202,7 +203,9 @@ class Recorder:
         if failed_op is not None:
             row = self.rows[failed_op]
             why, fix = explain.explain_op(row, exc, self.rows[:failed_op])
-            return ShapeFailure(module=row.name, cls="op", inputs=row.inputs, error=message, explanation=why, fix=fix)
+            within = f"{self.rows[last_open].name} ({self.rows[last_open].cls})" if self.stack else ""
+            return ShapeFailure(module=row.name, cls="op", inputs=row.inputs, error=message, explanation=why, fix=fix,
+                                within=within)
         if not self.stack:
             return ShapeFailure(module="(outside any module)", cls="", inputs="", error=message)
         module, index, args = self.stack[-1]
