@@ -151,6 +151,7 @@ if TorchDispatchMode is not None:
             self.fresh: dict = {}  # op -> whether it returns new tensors (not views or in-place results)
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            __tracebackhide__ = True  # noqa: F841  tracebacks of the user's code do not show this frame
             kwargs = kwargs or {}
             out = func(*args, **kwargs)
             fresh = self.fresh.get(func)

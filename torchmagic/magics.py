@@ -160,7 +160,8 @@ class TorchMagics(Magics):
                                           ops=args.ops, depth=args.depth)
         if error is None:
             return trace
-        display(trace)
+        if trace.rows:
+            display(trace)
         raise error.with_traceback(_user_frames(error.__traceback__, filename)) from None
 
     # ------------------------------------------------------------ %summary

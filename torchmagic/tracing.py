@@ -228,6 +228,7 @@ class _Ops(TorchFunctionMode):
         self.recorder = recorder
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        __tracebackhide__ = True  # noqa: F841  tracebacks of the user's code do not show this frame
         kwargs = kwargs or {}
         try:
             out = func(*args, **kwargs)
