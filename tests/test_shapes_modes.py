@@ -266,3 +266,24 @@ def test_summary_counts_attention_flops(shell):
     # q, k, v and out projections: 4 * 2 * 1024 * 768^2; attention scores and weighted sum: 2 * 2 * 1024^2 * 768
     assert s.flops == pytest.approx(8 * 1024 * 768**2 + 4 * 1024**2 * 768, rel=0.01)
     assert "FLOPs: 8.05 G" in shell.text(s)
+
+
+class NoBool(nn.Sequential):
+    def __bool__(self):
+        raise AssertionError("bool() called on a module")
+
+
+@pytest.mark.parametrize("mode", ["real", "fake", "meta"])
+def test_no_bool_on_modules_and_no_reference_kept(shell, mode):
+    import gc
+    import weakref
+
+    model = NoBool(nn.Linear(3, 3), NoBool())
+    bind(shell, model=model)
+    t = shell.run(f"%shapes model 2,3 --mode {mode} --ops")
+    assert t.ok and [r.name for r in t.rows] == ["model", "0", "1"]
+    alive = weakref.ref(model)
+    del model
+    shell.ns.pop("model")
+    gc.collect()
+    assert alive() is None  # the result and torchmagic keep no reference to the model
