@@ -24,24 +24,26 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import zoo  # noqa: E402
 
 
-def median_time(fn, repeat: int) -> float:
-    fn()  # warm up
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def median_times(fns: list, repeat: int) -> list[float]:
+    """Runs interleaved (a, b, c, a, b, c, ...), so a busy machine slows every contender alike."""
+    times = [[] for _ in fns]
+    for n in range(repeat + 1):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            if n:  # the first round warms up
+                times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def peak_bytes(fn) -> int:
     """Peak of live CPU tensor memory while fn runs, from the profiler's allocation events."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = [e for e in prof.events() if e.cpu_memory_usage and (e.name == "[memory]" or not e.cpu_children)]
+    events = [e for e in prof.events() if e.self_cpu_memory_usage]
     live = peak = 0
     for e in sorted(events, key=lambda e: e.time_range.start):
-        live += e.cpu_memory_usage
+        live += e.self_cpu_memory_usage
         peak = max(peak, live)
     return peak
 
@@ -89,7 +91,8 @@ def main():
         for mode in modes:
             rows.append((f"%shapes --mode {mode}", lambda mode=mode: ip.run_line_magic("shapes", f"model {dims} --mode {mode}")))
         repeat = opts.repeat if name not in ("resnet50", "gpt2") else max(3, opts.repeat // 2)
-        results = [(label, median_time(fn, repeat), peak_bytes(fn) if device != "meta" else 0) for label, fn in rows]
+        times = median_times([fn for _, fn in rows], repeat)
+        results = [(label, t, peak_bytes(fn) if device != "meta" else 0) for (label, fn), t in zip(rows, times)]
         base = results[0][1]
         info = next((t for label, t, _ in results if label == "torchinfo.summary"), None)
         chosen = ip.run_line_magic("shapes", f"model {dims}").mode
