@@ -10,11 +10,11 @@ import weakref
 
 import torch
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import display
 from torch import nn
-from traitlets import Bool, Int
+from traitlets import Bool, Enum, Int
 
 from . import devices, memory, summary, tracing, training, ui
 from .errors import TorchMagicError
@@ -43,6 +43,8 @@ class TorchMagics(Magics):
     widgets = Bool(True, help="Show ipywidgets controls in a Jupyter kernel (False: text results only).").tag(config=True)
     memory_min_change = Int(1 << 20, help="With %memory on, show a line after a cell only when it changed or "
                                           "peaked memory by at least this many bytes (0: after every cell).").tag(config=True)
+    shape_mode = Enum(list(tracing.MODES), "auto", help="How %shapes runs the forward: auto, real, fake (no compute, "
+                      "no memory) or meta (models built on the meta device).").tag(config=True)
 
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell=shell, **kwargs)
@@ -215,25 +217,63 @@ class TorchMagics(Magics):
     # ------------------------------------------------------------ %shapes
 
     @magic_arguments()
-    @argument("model", help="the model: a name or expression from your namespace")
+    @argument("model", nargs="?", help="the model: a name or expression from your namespace")
     @argument("inputs", nargs="*", help="one or more inputs: a shape like 1,3,32,32 (a tensor is made on the "
                                         "model's device and dtype) or an expression (tensor, tuple, dict of kwargs)")
     @argument("--depth", type=int, default=None, help="show module calls up to this nesting depth (model = 0)")
-    @line_magic
+    @argument("--mode", choices=tracing.MODES, default=None,
+              help="auto (default: %%config TorchMagics.shape_mode), real, fake (fake tensors: no compute, no "
+                   "memory, any device) or meta (for models built on the meta device)")
+    @argument("--ops", action="store_true", help="also show the tensor operations between modules "
+                                                 "(view, flatten, cat, matmul, ...) in your forward or cell")
+    @line_cell_magic
     @usage_errors
-    def shapes(self, line):
-        """Input and output shapes of every module call in one forward pass.
+    def shapes(self, line, cell=None):
+        """Input and output shapes of every module call in one forward pass, FLOPs and memory;
+        when the forward fails, what the failing module expected and the fix.
 
             %shapes net 1,1,32,32
             %shapes model tokens            # any tensor, tuple or dict of kwargs in your namespace
+            %shapes llama 1,4096 --mode meta
             t = %shapes net 1,1,32,32       # keep the result: t.rows, t.failure
+
+        As a cell magic, every module call the cell makes (the cell runs for real):
+
+            %%shapes --ops
+            out = net(input)
+            loss = criterion(out, y)
         """
+        __tracebackhide__ = True  # noqa: F841
+        if cell is not None:
+            return self._shapes_cell(line, cell)
         if not line.strip():
             raise TorchMagicError("give the model and its input, e.g. %shapes net 1,1,32,32")
         args = self._parse(self.shapes, line)
         model = self._module(args.model)
-        call_args, call_kwargs = build_call(model, self._inputs(args.inputs))
-        return tracing.trace_shapes(model, call_args, call_kwargs, name=args.model, depth=args.depth)
+        return tracing.trace_shapes(model, self._inputs(args.inputs), name=args.model, mode=args.mode or self.shape_mode,
+                                    depth=args.depth, ops=args.ops)
+
+    def _shapes_cell(self, line, cell):
+        """Errors in the cell are the user's: the table of what ran shows first, then the traceback."""
+        __tracebackhide__ = True  # noqa: F841
+        args = self._parse(self.shapes, line)
+        if args.model or args.mode:
+            raise TorchMagicError("%%shapes traces the cell as it runs, with --ops and --depth only; "
+                                  "for one model call use %shapes MODEL INPUT")
+        source = self.shell.transform_cell(cell)
+        filename = self.shell.compile.cache(source, max(self.shell.execution_count - 1, 0))
+        try:
+            code = compile(source, filename, "exec")
+        except SyntaxError as e:
+            raise TorchMagicError(f"the cell has a syntax error on line {e.lineno}: {e.msg}") from None
+        ns = self.shell.user_ns
+        trace, error = tracing.trace_cell(lambda: exec(code, ns), lambda: tracing.namespace_names(ns),
+                                          ops=args.ops, depth=args.depth)
+        if error is None:
+            return trace
+        if trace.rows:
+            display(trace)
+        raise error.with_traceback(_user_frames(error.__traceback__, filename)) from None
 
     # ------------------------------------------------------------ %summary
 

@@ -26,6 +26,15 @@ class Result:
 # ---------------------------------------------------------------- %shapes
 
 
+def si(n: float) -> str:
+    """1234567 -> '1.23 M': FLOPs are read as orders of magnitude."""
+    for unit in ("", " K", " M", " G", " T", " P"):
+        if abs(n) < 1000 or unit == " P":
+            return f"{n:.0f}{unit}" if unit == "" else f"{n:.3g}{unit}"
+        n /= 1000
+    return str(n)
+
+
 @dataclass
 class ShapeRow:
     name: str
@@ -36,6 +45,8 @@ class ShapeRow:
     dtype: str
     params: int
     status: str = "ok"  # ok | failed (the module that raised) | open (a parent of it)
+    flops: int = 0  # of this call, its submodules included
+    kind: str = "module"  # module | op (a tensor operation in the user's code, shown with --ops)
 
 
 @dataclass
@@ -46,9 +57,17 @@ class ShapeFailure:
     error: str  # "RuntimeError: mat1 and mat2 shapes cannot be multiplied (1x1344 and 1350x10)"
     explanation: str = ""
     fix: str = ""
+    within: str = ""  # for a failed op: the module whose forward ran it
+
+    @property
+    def message(self) -> str:
+        """The explanation and the fix in one sentence, or torch's message when there is none."""
+        return "; ".join(p for p in (self.explanation, self.fix) if p) or self.error
 
     def lines(self) -> list[str]:
-        out = [f"{self.module} ({self.cls}) failed on input {self.inputs}", f"  {self.error}"]
+        what = f"{self.module} ({self.cls})" if self.cls else self.module
+        what += f" in {self.within}" if self.within else ""
+        out = [f"{what} failed on input {self.inputs}" if self.inputs else f"{what} failed", f"  {self.error}"]
         if self.explanation:
             out.append(f"  why: {self.explanation}")
         if self.fix:
@@ -64,8 +83,11 @@ class ShapeTrace(Result):
     failure: ShapeFailure | None = None
     hidden: int = 0  # calls deeper than --depth
     notes: list[str] = field(default_factory=list)
-
-    columns = ["module", "class", "input", "output", "dtype", "params"]
+    why: str = ""  # why this mode ran
+    flops: int | None = None  # of the whole forward (None: not counted)
+    activation_bytes: int = 0  # new tensors the forward made: about what training keeps for backward
+    params: int = 0
+    param_bytes: int = 0
 
     @property
     def ok(self) -> bool:
@@ -78,35 +100,58 @@ class ShapeTrace(Result):
                 return r
         raise KeyError(name)
 
+    @property
+    def columns(self) -> list[str]:
+        return ["module", "class", "input", "output", "dtype", "params"] + (["flops"] if self.flops is not None else [])
+
     def _cells(self):
         out = []
         for r in self.rows:
             output = r.outputs if r.status == "ok" else ("✗ raised" if r.status == "failed" else "…")
-            out.append(["  " * r.depth + r.name, r.cls, r.inputs, output, r.dtype, render.count(r.params) if r.params else ""])
+            cells = ["  " * r.depth + r.name, r.cls, r.inputs, output, r.dtype, render.count(r.params) if r.params else ""]
+            if self.flops is not None:
+                cells.append(si(r.flops) if r.flops else "")
+            out.append(cells)
         return out
 
     def _title(self) -> str:
+        calls = sum(1 for r in self.rows if r.kind == "module")
+        ops = len(self.rows) - calls
+        what = f"{calls} module calls" + (f" and {ops} ops" if ops else "")
         verb = "failed" if self.failure else "traced"
-        return f"{self.model}: {len(self.rows)} module calls {verb} ({self.mode} mode)"
+        return f"{self.model}: {what} {verb} ({self.mode} mode)"
+
+    def _totals(self) -> list[str]:
+        parts = []
+        if self.flops is not None:
+            parts.append(f"FLOPs: {si(self.flops)}")
+        if self.params:
+            parts.append(f"params: {render.count(self.params)} ({render.nbytes(self.param_bytes)})")
+        if self.activation_bytes:
+            parts.append(f"activations: {render.nbytes(self.activation_bytes)}")
+        return ["   ".join(parts)] if parts and not self.failure else []
 
     def _notes(self) -> list[str]:
-        notes = list(self.notes)
+        notes = [f"{self.mode} mode: {self.why}"] if self.why and self.why != "asked for" else []
+        notes += self.notes
         if self.hidden:
             notes.append(f"{self.hidden} deeper calls hidden by --depth")
         return notes
 
     def to_text(self) -> str:
-        parts = [self._title(), render.text_table(self.columns, self._cells(), numeric={5})]
+        numeric = {5, 6}
+        parts = [self._title(), render.text_table(self.columns, self._cells(), numeric=numeric)]
         if self.failure:
             parts += ["", *self.failure.lines()]
-        parts += self._notes()
+        parts += self._totals() + self._notes()
         return "\n".join(parts)
 
     def _repr_html_(self) -> str:
-        classes = ["tm-fail" if r.status == "failed" else ("tm-dim" if r.status == "open" else "") for r in self.rows]
-        table = render.html_table(self.columns, self._cells(), numeric={5}, row_classes=classes)
+        classes = ["tm-fail" if r.status == "failed" else ("tm-dim" if r.status == "open" or r.kind == "op" else "")
+                   for r in self.rows]
+        table = render.html_table(self.columns, self._cells(), numeric={5, 6}, row_classes=classes)
         errors = self.failure.lines() if self.failure else []
-        return render.html_block(self._title(), [table], self._notes(), errors)
+        return render.html_block(self._title(), [table], self._totals() + self._notes(), errors)
 
 
 # ---------------------------------------------------------------- %summary
@@ -133,6 +178,8 @@ class ParamSummary(Result):
     buffer_bytes: int
     mult_adds: int | None = None
     notes: list[str] = field(default_factory=list)
+    flops: int | None = None  # FLOPs of one forward with the input, counted on fake/meta tensors
+    activation_bytes: int = 0
 
     @property
     def frozen(self) -> int:
@@ -162,6 +209,8 @@ class ParamSummary(Result):
         ]
         if self.mult_adds is not None:
             lines.append(f"mult-adds: {render.count(self.mult_adds)}")
+        if self.flops is not None:
+            lines.append(f"FLOPs: {si(self.flops)} (attention included)   activations: {render.nbytes(self.activation_bytes)}")
         return lines
 
     def to_text(self) -> str:

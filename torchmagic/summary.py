@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import fake
 from .guard import model_preserved
 from .results import ParamRow, ParamSummary
 from .errors import TorchMagicError
@@ -29,7 +30,7 @@ def _torchinfo_layers(model: nn.Module, args: tuple | None, kwargs: dict, name: 
                         model, input_data=list(args), verbose=0, mode="train" if model.training else "eval", **kwargs
                     )
                 except Exception:
-                    failure = trace_shapes(model, args, kwargs, name=name).failure
+                    failure = trace_shapes(model, _values(args, kwargs), name=name, mode="real").failure
                     if failure is None:
                         raise
                     raise TorchMagicError(f"the forward failed in {failure.module} ({failure.cls}) on input "
@@ -45,6 +46,19 @@ def _torchinfo_layers(model: nn.Module, args: tuple | None, kwargs: dict, name: 
         else:
             ti._cached_forward_pass.pop(cache_key, None)
     return layers, mult_adds
+
+
+def _values(args: tuple, kwargs: dict) -> list:
+    return [kwargs] if kwargs else [tuple(args)]
+
+
+def _flops(model: nn.Module, args: tuple, kwargs: dict, name: str) -> tuple[int | None, int]:
+    """FLOPs and activation bytes of one forward, counted on fake (or meta) tensors: no compute."""
+    if fake.UNAVAILABLE:
+        return None, 0
+    mode = "meta" if any(p.device.type == "meta" and not fake.is_fake(p) for p in model.parameters()) else "fake"
+    trace = trace_shapes(model, _values(args, kwargs), name=name, mode=mode)
+    return (trace.flops, trace.activation_bytes) if trace.ok else (None, 0)
 
 
 def _trainable(params: list[torch.nn.Parameter]) -> str:
@@ -86,6 +100,7 @@ def param_summary(model: nn.Module, *, name: str, args: tuple | None = None, kwa
                              trainable=_trainable(own), output=output, note=note))
 
     unique = {id(p): p for p in model.parameters()}.values()  # parameters() yields a tied weight once
+    flops, activation_bytes = _flops(model, args, kwargs or {}, name) if args is not None else (None, 0)
     return ParamSummary(
         model=name,
         rows=rows,
@@ -94,4 +109,6 @@ def param_summary(model: nn.Module, *, name: str, args: tuple | None = None, kwa
         param_bytes=sum(p.numel() * p.element_size() for p in unique),
         buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
         mult_adds=mult_adds,
+        flops=flops,
+        activation_bytes=activation_bytes,
     )

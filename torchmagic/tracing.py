@@ -1,16 +1,26 @@
-"""Record one row per module call with forward hooks. Hooks are removed on exit, always."""
+"""Record one row per module call (and the tensor ops between them) with global module hooks and a
+TorchFunctionMode, in real, fake or meta mode. Hooks and modes are removed on exit, always."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
 from torch import nn
+from torch.nn.modules import module as nn_module
+from torch.overrides import TorchFunctionMode
 
+from . import explain, fake
+from .errors import TorchMagicError
 from .guard import model_preserved
+from .inputs import ShapeSpec, build_call, first_leaf, model_device_dtype
 from .parsing import format_shape
 from .results import ShapeFailure, ShapeRow, ShapeTrace
 
 _MAX_ITEMS = 8  # items of a list/tuple/dict shown before "…"
+MODES = ("auto", "real", "fake", "meta")
+REAL_LIMIT = 1_000_000  # auto runs a real forward below this many parameters and input elements (on CPU)
+TABLE_ROWS = 150  # without --depth, a longer trace is shown to the deepest depth that fits
 
 
 def describe(value, depth: int = 0) -> str:
@@ -69,92 +79,367 @@ def own_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters(recurse=False))
 
 
-class ShapeTracer:
-    """Hooks every module in `names` (id -> qualified name) and records each call in order.
+def _has_tensor(value) -> bool:
+    return any(isinstance(t, torch.Tensor) for t in torch.utils._pytree.tree_leaves(value))
 
-    A call whose forward raises keeps status "open"; the innermost open call is the one that failed."""
 
-    def __init__(self, model: nn.Module, root_name: str):
-        self.names: dict[int, str] = {}
-        for name, m in model.named_modules(remove_duplicate=False):
-            self.names.setdefault(id(m), name or root_name)
-        self.modules = list(model.modules())
+def module_names(model: nn.Module, root: str, prefix: bool = False) -> dict[int, str]:
+    """id -> qualified name: the model is `root`, its submodules `conv1` (or `root.conv1` with prefix)."""
+    names: dict[int, str] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), f"{root}.{name}" if name and prefix else (name or root))
+    return names
+
+
+def namespace_names(ns: dict) -> dict[int, str]:
+    """Qualified names of every module reachable from the user's variables; the shortest wins."""
+    names: dict[int, str] = {}
+    for var, value in list(ns.items()):
+        if var.startswith("_") or not isinstance(value, nn.Module):
+            continue
+        for mid, name in module_names(value, var, prefix=True).items():
+            if mid not in names or name.count(".") < names[mid].count("."):
+                names[mid] = name
+    return names
+
+
+class Recorder:
+    """Rows in call order: module calls from global forward hooks, tensor ops from a TorchFunctionMode.
+
+    A call whose forward raises keeps status "open"; the innermost open call is the one that failed.
+    Ops are recorded only in code a user wrote (outside any module, or in a forward that is not
+    torch.nn's own), so `x.view(...)` in a forward is a row and F.linear inside nn.Linear is not."""
+
+    def __init__(self, names: dict[int, str], namer=None, values: dict | None = None):
+        self.names = names
+        self.namer = namer  # called for names of modules made while recording (%%shapes)
+        self.values = values or {}
         self.rows: list[ShapeRow] = []
-        self._stack: list[tuple[int, int]] = []  # (module id, row index)
-        self._handles = []
-        self._params: dict[int, int] = {}
+        self.stack: list[tuple[nn.Module, int, tuple]] = []  # (module, row index, args) of open calls
+        self.row_modules: list[nn.Module | None] = []
+        self.flops = 0
+        self.activation_bytes = 0
+        self.busy = False  # inside our own hooks: ignore the ops they make
 
-    def __enter__(self):
+    def _name(self, module) -> str:
+        return self.names.get(id(module), type(module).__name__)
+
+    def pre(self, module, args):
+        self.busy = True
         try:
-            for m in self.modules:
-                self._handles.append(m.register_forward_pre_hook(self._pre, with_kwargs=True))
-                self._handles.append(m.register_forward_hook(self._post, with_kwargs=True))
-        except BaseException:
-            self._remove()
-            raise
-        return self
+            row = ShapeRow(name=self._name(module), cls=type(module).__name__, depth=len(self.stack),
+                           inputs=describe_call(args, {}), outputs="", dtype=first_dtype(args),
+                           params=own_params(module), status="open")
+            self.stack.append((module, len(self.rows), args))
+            self.rows.append(row)
+            self.row_modules.append(module)
+            if isinstance(module, nn.Embedding) and self.values and args and id(args[0]) in self.values:
+                with fake.outside_modes():
+                    explain.check_ids(module, self.values[id(args[0])])
+        finally:
+            self.busy = False
 
-    def __exit__(self, *exc):
-        self._remove()
-        return False
+    def post(self, module, args, kwargs, output):
+        self.busy = True
+        try:
+            # Pop to this module's call; anything above it raised and was caught inside a forward.
+            while self.stack:
+                top, index, _ = self.stack.pop()
+                if top is module:
+                    row = self.rows[index]
+                    row.inputs = describe_call(args, kwargs)
+                    row.outputs, row.status = describe(output), "ok"
+                    row.dtype = first_dtype(output) or row.dtype
+                    break
+                self.rows[index].status = "failed"
+        finally:
+            self.busy = False
 
-    def _remove(self):
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+    def op(self, func, args, kwargs, out, failed: bool):
+        if self.busy or not self._in_user_code():
+            return
+        name = getattr(func, "__name__", "")
+        if name in ("__get__", "__set__", "__repr__", "__format__") or name.endswith("_") and not name.endswith("__"):
+            return
+        if not failed and not _has_tensor(out):
+            return
+        if not _has_tensor((args, kwargs)):
+            return
+        self.busy = True
+        try:
+            self.rows.append(ShapeRow(
+                name=name.strip("_"), cls="op", depth=len(self.stack),
+                inputs=describe_call(args, {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}),
+                outputs="" if failed else describe(out), dtype=first_dtype(out) or first_dtype(args), params=0,
+                status="failed" if failed else "ok", kind="op"))
+            self.row_modules.append(None)
+        finally:
+            self.busy = False
 
-    def _pre(self, module, args, kwargs):
-        key = id(module)
-        if key not in self._params:
-            self._params[key] = own_params(module)
-        row = ShapeRow(
-            name=self.names.get(key, type(module).__name__),
-            cls=type(module).__name__,
-            depth=len(self._stack),
-            inputs=describe_call(args, kwargs),
-            outputs="",
-            dtype=first_dtype((args, kwargs)),
-            params=self._params[key],
-            status="open",
-        )
-        self._stack.append((key, len(self.rows)))
-        self.rows.append(row)
+    def _in_user_code(self) -> bool:
+        return not self.stack or not type(self.stack[-1][0]).__module__.startswith("torch.")
 
-    def _post(self, module, args, kwargs, output):
-        key = id(module)
-        # Pop to this module's call; anything above it raised and was caught inside a forward.
-        while self._stack:
-            top, index = self._stack.pop()
-            if top == key:
-                row = self.rows[index]
-                row.outputs, row.status = describe(output), "ok"
-                row.dtype = first_dtype(output) or row.dtype
-                break
-            self.rows[index].status = "failed"
+    def count(self, flops: int, nbytes: int):
+        self.flops += flops
+        self.activation_bytes += nbytes
+        if flops:
+            for _, index, _ in self.stack:
+                self.rows[index].flops += flops
+
+    def rename(self):
+        if self.namer is not None:
+            self.names = {**self.names, **self.namer()}
+            for row, module in zip(self.rows, self.row_modules):
+                if module is not None:
+                    row.name = self._name(module)
 
     def failure(self, exc: BaseException) -> ShapeFailure:
-        """Where the forward failed: the innermost call still open."""
-        open_rows = [self.rows[i] for _, i in self._stack]
+        """Where the forward failed: a failed op after the innermost open call, or that call."""
+        self.rename()
         message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}".rstrip(": ")
-        if not open_rows:
+        last_open = self.stack[-1][1] if self.stack else -1
+        failed_op = next((i for i in range(len(self.rows) - 1, last_open, -1)
+                          if self.rows[i].kind == "op" and self.rows[i].status == "failed"), None)
+        if failed_op is not None:
+            row = self.rows[failed_op]
+            why, fix = explain.explain_op(row, exc, self.rows[:failed_op])
+            within = f"{self.rows[last_open].name} ({self.rows[last_open].cls})" if self.stack else ""
+            return ShapeFailure(module=row.name, cls="op", inputs=row.inputs, error=message, explanation=why, fix=fix,
+                                within=within)
+        if not self.stack:
             return ShapeFailure(module="(outside any module)", cls="", inputs="", error=message)
-        failed = open_rows[-1]
-        failed.status = "failed"
-        return ShapeFailure(module=failed.name, cls=failed.cls, inputs=failed.inputs, error=message)
+        module, index, args = self.stack[-1]
+        row = self.rows[index]
+        row.status = "failed"
+        why, fix = explain.explain(module, row.name, args, exc, self.rows[:index])
+        return ShapeFailure(module=row.name, cls=row.cls, inputs=row.inputs, error=message, explanation=why, fix=fix)
+
+    def close(self):
+        """Drop every reference to the user's modules and tensors."""
+        self.rename()
+        self.stack.clear()
+        self.row_modules.clear()
+        self.values = {}
 
 
-def trace_shapes(model: nn.Module, args: tuple, kwargs: dict, *, name: str, depth: int | None = None) -> ShapeTrace:
-    """One forward pass under no_grad with hooks; the model, its buffers and the RNG are left as they were."""
-    failure = None
-    with model_preserved(model), torch.no_grad(), ShapeTracer(model, name) as tracer:
+class _Ops(TorchFunctionMode):
+    def __init__(self, recorder: Recorder):
+        super().__init__()
+        self.recorder = recorder
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        __tracebackhide__ = True  # noqa: F841  tracebacks of the user's code do not show this frame
+        kwargs = kwargs or {}
         try:
-            model(*args, **kwargs)
-        except Exception as exc:  # the user's forward failed: report it, keep no reference to it
-            failure = tracer.failure(exc)
-            del exc
-    rows = tracer.rows
+            out = func(*args, **kwargs)
+        except Exception:
+            self.recorder.op(func, args, kwargs, None, failed=True)
+            raise
+        self.recorder.op(func, args, kwargs, out, failed=False)
+        return out
+
+
+@contextlib.contextmanager
+def recording(recorder: Recorder, *, ops: bool = True, count: bool = True):
+    """Global module hooks, the op recorder and the FLOP counter, all removed on exit."""
+    handles = []
+    try:
+        handles.append(nn_module.register_module_forward_pre_hook(recorder.pre))
+        handles.append(nn_module.register_module_forward_hook(recorder.post, with_kwargs=True))
+        with contextlib.ExitStack() as modes:
+            if ops:
+                modes.enter_context(_Ops(recorder))
+            if count and fake.Counter is not None:
+                modes.enter_context(fake.Counter(recorder.count))
+            yield recorder
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ---------------------------------------------------------------- %shapes MODEL INPUT
+
+
+def unwrap(model: nn.Module, name: str) -> tuple[nn.Module, str, list[str]]:
+    """The module that really runs: torch.compile's original module, DataParallel's and DDP's .module."""
+    notes = []
+    while True:
+        inner = model._modules.get("_orig_mod")
+        if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+            notes.append(f"{name} is torch.compile'd: traced its original module (the same layers, not compiled)")
+            model = inner
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            notes.append(f"{name} is {type(model).__name__}: traced the module it wraps, {name}.module, on one device")
+            model, name = model.module, f"{name}.module"
+        else:
+            break
+    sharded = [n for n, p in model.named_parameters() if type(p).__name__ == "DTensor"]
+    if sharded:
+        raise TorchMagicError(
+            f"{name}'s parameters are DTensors (FSDP2 or tensor parallel, e.g. {sharded[0]}): a sharded forward needs "
+            f"every rank, so %shapes cannot run it here; build the same model unsharded on the meta device "
+            f"(with torch.device('meta'): ...) and run %shapes on that")
+    return model, name, notes
+
+
+def _numel(values) -> int:
+    total = 0
+    for v in values:
+        if isinstance(v, ShapeSpec):
+            n = 1
+            for d in v.dims:
+                n *= d
+            total += n
+        else:
+            total += sum(t.numel() for t in torch.utils._pytree.tree_leaves(v) if isinstance(t, torch.Tensor))
+    return total
+
+
+def _tensors(model: nn.Module):
+    yield from model.parameters()
+    yield from model.buffers()
+
+
+def choose_mode(model: nn.Module, values: list) -> tuple[str, str]:
+    """auto: which mode, and why in words."""
+    if any(t.device.type == "meta" and not fake.is_fake(t) for t in _tensors(model)):
+        return "meta", "the model is on the meta device (no data): meta tensors give the shapes"
+    if any(fake.is_fake(t) for t in _tensors(model)) or any(fake.is_fake(t) for t in torch.utils._pytree.tree_leaves(values)):
+        return "fake", "the model or input holds fake tensors"
+    if fake.UNAVAILABLE:
+        return "real", f"fake tensors are not available ({fake.UNAVAILABLE})"
+    params = sum(p.numel() for p in model.parameters())
+    device, _ = model_device_dtype(model)
+    numel = _numel(values)
+    if device.type != "cpu":
+        return "fake", f"the model is on {device}: fake tensors give the shapes without using its memory"
+    if params > REAL_LIMIT or numel > REAL_LIMIT:
+        what = f"{params:,} parameters" if params > REAL_LIMIT else f"{numel:,} input elements"
+        return "fake", f"{what}: fake tensors give the shapes without computing or allocating activations"
+    return "real", "a small model: a real forward is quickest"
+
+
+def _shadow_values(shadow: fake.Shadow, model: nn.Module, values: list) -> list:
+    device, dtype = model_device_dtype(model)
+    ids = isinstance(first_leaf(model), (nn.Embedding, nn.EmbeddingBag))
+
+    def convert(v):
+        if isinstance(v, ShapeSpec):
+            return shadow.empty(v.dims, torch.long if ids else dtype, device, zeros=ids)
+        if isinstance(v, dict):
+            return {k: convert(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)) and not hasattr(v, "_fields"):
+            return type(v)(convert(x) for x in v)
+        return shadow.convert(v)
+
+    return [convert(v) for v in values]
+
+
+def _run(model: nn.Module, values: list, name: str, mode: str, ops: bool) -> tuple[Recorder, ShapeFailure | None, bool]:
+    """One forward in this mode under the guard. Returns the recorder, the failure, and whether the
+    failure came from reading values that fake/meta tensors lack."""
+    failure, needs_values = None, False
+    with model_preserved(model), torch.no_grad():
+        shadow = None if mode == "real" else fake.Shadow(mode)
+        if shadow is None:
+            args, kwargs = build_call(model, values)
+        else:
+            try:
+                state = shadow.state(model)
+                args, kwargs = build_call(model, _shadow_values(shadow, model, values))
+            except TorchMagicError:
+                raise
+            except Exception as e:
+                raise TorchMagicError(f"{mode} mode cannot copy the model or input ({type(e).__name__}: {e}); "
+                                      f"use --mode real") from None
+        recorder = Recorder(module_names(model, name), values=shadow.values if shadow else None)
+        with recording(recorder, ops=ops):
+            try:
+                if shadow is not None:
+                    shadow.call(model, state, args, kwargs)
+                else:
+                    model(*args, **kwargs)
+            except Exception as exc:  # the user's forward failed: report it, keep no reference to it
+                failure = recorder.failure(exc)
+                needs_values = mode != "real" and fake.needs_values(exc)
+                del exc
+            finally:
+                recorder.close()
+    if recorder.rows and not recorder.rows[0].inputs:
+        recorder.rows[0].inputs = describe_call(args, kwargs)  # keyword-only calls: the pre hook sees no kwargs
+    return recorder, failure, needs_values
+
+
+def trace_shapes(model: nn.Module, values: list, *, name: str, mode: str = "auto", depth: int | None = None,
+                 ops: bool = False) -> ShapeTrace:
+    """One forward pass under no_grad; the model, its buffers and the RNG are left as they were.
+    values: the magic's inputs (ShapeSpecs and objects), turned into the call in the chosen mode."""
+    if mode not in MODES:
+        raise TorchMagicError(f"--mode {mode!r} is not one of {', '.join(MODES)}")
+    model, name, notes = unwrap(model, name)
+    if mode == "auto":
+        mode, why = choose_mode(model, values)
+    else:
+        why = "asked for"
+        if mode == "real" and any(not fake.has_data(t) for t in _tensors(model)):
+            raise TorchMagicError(f"{name} has meta or fake tensors, which hold no data for a real forward: "
+                                  f"use --mode meta or --mode fake")
+    recorder, failure, needs_values = _run(model, values, name, mode, ops)
+    if failure is not None and not ops and not needs_values:
+        # Again with the op recorder (it costs time): the explanation names the view or flatten that made the input.
+        recorder, failure, needs_values = _run(model, values, name, mode, True)
+    if needs_values:
+        has_data = all(fake.has_data(t) for t in _tensors(model))
+        if why != "asked for" and has_data:
+            notes.append(f"{mode} mode stopped at {failure.module}: it reads tensor values, which {mode} tensors "
+                         f"lack; ran a real forward instead")
+            mode, why = "real", "fell back from " + mode
+            recorder, failure, needs_values = _run(model, values, name, "real", True)
+        else:
+            failure.explanation = (f"{failure.module} reads tensor values (e.g. .item(), nonzero or a boolean "
+                                   f"mask), which {mode} tensors do not have")
+            failure.fix = ("use --mode real" if has_data else
+                           "load real weights to trace it, or trace the layers before it")
+    trace = _result(recorder, failure, name=name, mode=mode, why=why, depth=depth, ops=ops, notes=notes)
+    unique = {id(p): p for p in model.parameters()}.values()
+    trace.params = sum(p.numel() for p in unique)
+    trace.param_bytes = sum(p.numel() * p.element_size() for p in unique)
+    return trace
+
+
+def _result(recorder: Recorder, failure, *, name, mode, why, depth, ops, notes) -> ShapeTrace:
+    rows = [r for r in recorder.rows if ops or r.kind == "module"]
+    deepest = max((r.depth for r in rows), default=0)
+    if depth is None and len(rows) > TABLE_ROWS:
+        depth = 0
+        while depth < deepest and sum(1 for r in rows if r.depth <= depth + 1) <= TABLE_ROWS:
+            depth += 1
+        notes.append(f"{len(rows)} calls: showing depth ≤ {depth}; --depth {deepest} shows all")
     hidden = 0
     if depth is not None:
-        hidden = sum(1 for r in rows if r.depth > depth)
-        rows = [r for r in rows if r.depth <= depth]
-    return ShapeTrace(model=name, rows=rows, mode="real", failure=failure, hidden=hidden)
+        shown = [r for r in rows if r.depth <= depth or r.status != "ok"]  # a failure stays visible
+        rows, hidden = shown, len(rows) - len(shown)
+    return ShapeTrace(model=name, rows=rows, mode=mode, why=why, failure=failure, hidden=hidden, notes=notes,
+                      flops=recorder.flops if fake.Counter is not None else None,
+                      activation_bytes=recorder.activation_bytes)
+
+
+# ---------------------------------------------------------------- %%shapes
+
+
+def trace_cell(run, namer, *, ops: bool = False, depth: int | None = None) -> tuple[ShapeTrace, BaseException | None]:
+    """Run the cell (`run()`) and record every module call in it. The cell runs for real and may
+    change what it changes; only the hooks and modes are ours, and they are removed on exit.
+    Returns the trace and the cell's exception (None when it ran to the end)."""
+    recorder = Recorder(namer(), namer=namer)
+    error, failure = None, None
+    with recording(recorder):
+        try:
+            run()
+        except Exception as exc:
+            error, failure = exc, recorder.failure(exc)
+        finally:
+            recorder.close()
+    trace = _result(recorder, failure, name="cell", mode="real", why="%%shapes runs the cell", depth=depth,
+                    ops=ops, notes=[])
+    return trace, error
