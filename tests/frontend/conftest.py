@@ -53,8 +53,16 @@ def workdir(tmp_path):
 def kernel(workdir):
     need_module("jupyter_client")
     need_module("ipykernel")
-    k = Kernel(workdir)
+    k = Kernel.start(workdir)
     try:
         yield k
     finally:
         k.close()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Each phase's report on the test item, so fixtures can tell a failed test (screenshots)."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)

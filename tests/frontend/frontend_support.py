@@ -77,20 +77,34 @@ class Kernel:
     """A real ipykernel driven over the Jupyter messaging protocol, the way a notebook front end
     drives it: execute requests, and comm messages to widget models."""
 
-    def __init__(self, cwd: Path, timeout: float = 120):
-        from jupyter_client.manager import KernelManager
-
-        self.timeout = timeout
-        self.manager = KernelManager(kernel_name="python3")
-        self.manager.start_kernel(cwd=str(cwd))
-        self.client = self.manager.client()
+    def __init__(self, client, manager=None, timeout: float = 120):
+        self.client, self.manager, self.timeout = client, manager, timeout
         self.client.start_channels()
         self.client.wait_for_ready(timeout=timeout)
         self.widgets: dict[str, dict] = {}  # comm id -> the widget model's state, as the kernel opened it
 
+    @classmethod
+    def start(cls, cwd: Path) -> "Kernel":
+        """A new kernel of the `python3` kernelspec."""
+        from jupyter_client.manager import KernelManager
+
+        manager = KernelManager(kernel_name="python3")
+        manager.start_kernel(cwd=str(cwd))
+        return cls(manager.client(), manager)
+
+    @classmethod
+    def attach(cls, connection_file: Path) -> "Kernel":
+        """Another client of a running kernel (one a notebook server started)."""
+        from jupyter_client.blocking import BlockingKernelClient
+
+        client = BlockingKernelClient()
+        client.load_connection_file(str(connection_file))
+        return cls(client)
+
     def close(self):
         self.client.stop_channels()
-        self.manager.shutdown_kernel(now=True)
+        if self.manager is not None:
+            self.manager.shutdown_kernel(now=True)
 
     def _collect(self, msg_id: str, with_reply: bool = True) -> Reply:
         """iopub messages of this request until the kernel is idle again, then its shell reply."""
