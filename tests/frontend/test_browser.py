@@ -196,8 +196,8 @@ def run_the_example(page, server: Server, url: str, path: str, name: str):
         x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
         page.mouse.move(x, y)
         page.mouse.down()
-        page.mouse.move(x - 25, y, steps=5)
-        page.mouse.move(x - 50, y, steps=5)
+        page.mouse.move(x - 10, y, steps=4)
+        page.mouse.move(x - 20, y, steps=4)
         page.mouse.up()
         page.wait_for_function("(el) => el.textContent.trim() !== '1.00e-2'", arg=readout.element_handle())
         chosen = lr_from_readout(readout.inner_text())
@@ -213,28 +213,59 @@ def run_the_example(page, server: Server, url: str, path: str, name: str):
         kernel.close()
 
     page.screenshot(path=ARTIFACTS / f"{name}.png")
-    return table.locator("xpath=ancestor::div[contains(@class, 'jp-OutputArea-output')]"), widget
+    return table, widget
 
 
-def readme_screenshot(locator, name: str):
-    if UPDATE_SCREENSHOTS:
-        DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
-        locator.screenshot(path=DOCS_IMAGES / name)
+BIG_MODEL = ("big = nn.Sequential(*[nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)) "
+             "for _ in range(10)]) for _ in range(4)])\n%shapes big 1,8")
+
+
+def readme_screenshot(page, content, name: str):
+    """The cell around `content` (its input and output), cut off right of the content: an image
+    for the README, written only when asked (TORCHMAGIC_UPDATE_SCREENSHOTS=1)."""
+    if not UPDATE_SCREENSHOTS:
+        return
+    page.locator(".jp-Notebook .jp-Cell").first.click()  # no cell of the picture is the active one
+    cell = content.locator("xpath=ancestor::div[contains(concat(' ', @class, ' '), ' jp-Cell ')]").first
+    cell.scroll_into_view_if_needed()
+    box, inner = cell.bounding_box(), content.bounding_box()
+    right = max(inner["x"] + inner["width"], box["x"] + 560)
+    DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=DOCS_IMAGES / name, clip={"x": box["x"], "y": box["y"], "height": box["height"],
+                                                   "width": min(box["width"], right - box["x"] + 24)})
 
 
 def test_jupyterlab(page, server):
     set_theme(server, "JupyterLab Light")
     shapes, widget = run_the_example(page, server, f"/lab/tree/lab/{NOTEBOOK.name}", f"lab/{NOTEBOOK.name}", "jupyterlab")
-    readme_screenshot(shapes, "shapes-jupyterlab.png")
-    readme_screenshot(widget, "trainstep-jupyterlab.png")
+    readme_screenshot(page, shapes, "shapes-jupyterlab.png")
+    readme_screenshot(page, widget.get_by_role("button", name="Step"), "trainstep-jupyterlab.png")
+
+    # A model with hundreds of module calls, typed into a new cell: a short table, a row count,
+    # and every row one click away in a box that scrolls.
+    page.locator(".jp-Notebook .jp-Cell").last.locator(".jp-InputPrompt").click()
+    page.keyboard.press("Escape")
+    page.keyboard.press("b")
+    page.keyboard.press("Enter")
+    page.keyboard.insert_text(BIG_MODEL)
+    page.keyboard.press("Shift+Enter")
+    big = page.locator(".jp-OutputArea-output .tm-result", has_text="of 165 rows").first
+    big.wait_for()
+    assert big.locator("tr:visible").count() == 1 + 45
+    big.locator("summary").click()
+    scroll = big.locator(".tm-scroll")
+    scroll.wait_for()
+    assert scroll.evaluate("(el) => el.scrollHeight > el.clientHeight"), "the full table should scroll in its box"
+    page.screenshot(path=ARTIFACTS / "jupyterlab-big-model.png")
 
     # The dark theme, chosen from the menu: the tables follow it.
     menu(page, "Settings", "Theme", "JupyterLab Dark")
-    page.locator("body[data-jp-theme-light='false']").wait_for(state="attached")
-    page.wait_for_timeout(500)  # the theme's stylesheet is swapped after the attribute
+    page.wait_for_function("document.body.dataset.jpThemeLight === 'false' && "
+                           "getComputedStyle(document.body).getPropertyValue('--jp-layout-color0').trim() !== 'white'")
     check_contrast(shapes)
+    check_contrast(big)
     page.screenshot(path=ARTIFACTS / "jupyterlab-dark.png")
-    readme_screenshot(shapes, "shapes-jupyterlab-dark.png")
+    readme_screenshot(page, shapes, "shapes-jupyterlab-dark.png")
     set_theme(server, "JupyterLab Light")
 
 
@@ -243,7 +274,7 @@ def test_notebook7(page, server):
     shapes, widget = run_the_example(page, server, f"/notebooks/notebook/{NOTEBOOK.name}",
                                      f"notebook/{NOTEBOOK.name}", "notebook7")
     check_contrast(shapes)
-    readme_screenshot(widget, "trainstep-notebook7.png")
+    readme_screenshot(page, widget.get_by_role("button", name="Step"), "trainstep-notebook7.png")
 
 
 def check_contrast(output):
@@ -252,7 +283,8 @@ def check_contrast(output):
         const rgb = (c) => c.match(/[\\d.]+/g).slice(0, 3).map(Number);
         const lum = ([r, g, b]) => [r, g, b].map(v => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; })
                                    .reduce((s, v, i) => s + v * [0.2126, 0.7152, 0.0722][i], 0);
-        let bg = el, color = getComputedStyle(el.querySelector('td')).color;
+        const td = el.querySelector('td');
+        let bg = td, color = getComputedStyle(td).color;
         while (bg && getComputedStyle(bg).backgroundColor.match(/rgba\\(.*, 0\\)|transparent/)) bg = bg.parentElement;
         const [a, b] = [lum(rgb(color)), lum(rgb(bg ? getComputedStyle(bg).backgroundColor : 'rgb(255,255,255)'))];
         return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import NOTEBOOK, WIDGET_STATE, WIDGET_VIEW, need_module
+from frontend_support import NOTEBOOK, WIDGET_STATE, WIDGET_VIEW, need_module
 
 
 def code_cells(nb):
