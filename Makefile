@@ -36,7 +36,7 @@ frontend: frontend-kernel frontend-terminal frontend-browser
 frontend-kernel: $(BIN)/.frontend-installed
 	$(FRONTEND_PYTEST) tests/frontend/test_kernel.py
 
-frontend-terminal: $(BIN)/.installed
+frontend-terminal: $(BIN)/.frontend-installed
 	$(FRONTEND_PYTEST) tests/frontend/test_terminal.py
 
 # JupyterLab and Notebook 7 in Debian's chromium (apt-get install chromium); screenshots in artifacts/frontend/.

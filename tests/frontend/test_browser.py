@@ -161,10 +161,6 @@ def attach_kernel(server: Server, session: dict) -> Kernel:
     return Kernel.attach(connection)
 
 
-def lr_from_readout(text: str) -> float:
-    return float(text.strip())
-
-
 def run_the_example(page, server: Server, url: str, path: str, name: str):
     page.goto(f"{server.url}{url}?token={server.token}")
     session = server.idle_session(path)
@@ -182,7 +178,7 @@ def run_the_example(page, server: Server, url: str, path: str, name: str):
     widget.get_by_text("step 1").wait_for()
     slider = widget.locator(".widget-slider", has=page.locator(".widget-label", has_text=re.compile(r"^lr")))
     readout = slider.locator(".widget-readout")
-    assert lr_from_readout(readout.inner_text()) == pytest.approx(0.01)
+    assert float(readout.inner_text()) == pytest.approx(0.01)
 
     kernel = attach_kernel(server, session)
     try:
@@ -200,7 +196,7 @@ def run_the_example(page, server: Server, url: str, path: str, name: str):
         page.mouse.move(x - 20, y, steps=4)
         page.mouse.up()
         page.wait_for_function("(el) => el.textContent.trim() !== '1.00e-2'", arg=readout.element_handle())
-        chosen = lr_from_readout(readout.inner_text())
+        chosen = float(readout.inner_text())
         assert chosen < 0.01
 
         widget.get_by_role("button", name="Step").click()

@@ -60,15 +60,22 @@ def net_cell() -> str:
     return next("".join(c["source"]) for c in cells if "".join(c["source"]).startswith("class Net"))
 
 
+def type_the_notes(term) -> int:
+    """Load torchmagic and define the notes' net, input, y, criterion and optimizer, prompt by
+    prompt; the number of the next prompt."""
+    term.type("%load_ext torchmagic")
+    term.wait_for(r"^In \[2\]:")
+    term.paste("import torch, torch.nn as nn, torch.nn.functional as F\n" + net_cell())
+    term.wait_for(r"^In \[3\]:")
+    term.type("input = torch.randn(1, 1, 32, 32); y = torch.arange(0, 10).view(1, 10).float()")
+    term.wait_for(r"^In \[4\]:")
+    term.type("criterion = nn.MSELoss(); optimizer = torch.optim.SGD(net.parameters(), lr=0.01)")
+    term.wait_for(r"^In \[5\]:")
+    return 5
+
+
 def test_interactive_prompt_shows_text_tables_and_steps(ipython):
-    ipython.type("%load_ext torchmagic")
-    ipython.wait_for(r"^In \[2\]:")
-    ipython.paste("import torch, torch.nn as nn, torch.nn.functional as F\n" + net_cell())
-    ipython.wait_for(r"^In \[3\]:")
-    ipython.type("input = torch.randn(1, 1, 32, 32); y = torch.arange(0, 10).view(1, 10).float()")
-    ipython.wait_for(r"^In \[4\]:")
-    ipython.type("criterion = nn.MSELoss(); optimizer = torch.optim.SGD(net.parameters(), lr=0.01)")
-    ipython.wait_for(r"^In \[5\]:")
+    type_the_notes(ipython)
 
     ipython.type("%shapes net 1,1,32,32")
     screen = ipython.wait_for(r"^In \[6\]:")
@@ -99,3 +106,28 @@ def test_interactive_prompt_shows_text_tables_and_steps(ipython):
 
     ipython.type("exit")
     ipython.wait_exit()
+
+
+def test_jupyter_console_shows_the_step_as_text(jupyter_home):
+    """A front end with a kernel but no widget renderer: %%trainstep's result reads as text."""
+    console = BIN / "jupyter-console"
+    need(console.exists(), f"{console} is missing: make frontend-terminal installs jupyter_console")
+    env = {k: os.environ[k] for k in ("IPYTHONDIR", "PYTHONPATH", "JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR",
+                                       "JUPYTER_RUNTIME_DIR")}
+    term = Terminal([str(console), "--kernel", "python3", "--ZMQTerminalInteractiveShell.include_other_output=False"], env)
+    try:
+        term.wait_for(r"^In \[1\]:")
+        type_the_notes(term)
+        for line in ["%%trainstep net optimizer", "out = net(input)", "criterion(out, y)", "", ""]:
+            term.type(line)
+        screen = term.wait_for(r"^In \[6\]:")
+        assert re.search(r"^net: step 1\nloss: [\d.]+ +grad norm: [\d.]+ +lr: 0.01$", screen, re.M), screen
+        assert "Traceback" not in screen and "Error" not in screen
+        if hasattr(__import__("torchmagic.ui").ui.TrainStepPanel, "_repr_mimebundle_"):
+            assert "VBox(" not in screen, screen  # the panel's own text/plain, not the widget's repr
+        term.type("exit")
+        term.wait_exit()
+    finally:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        (ARTIFACTS / "jupyter-console.txt").write_text(term.last_screen)
+        term.close()
