@@ -150,12 +150,16 @@ class Kernel:
         msg_id = self.client.execute("", silent=True, user_expressions=expressions)
         return self._collect(msg_id).content["user_expressions"]
 
-    def widget(self, model: str, description_prefix: str = "") -> str:
-        """The comm id of the (last opened) widget of this model class and description."""
+    def widget(self, model: str, description: str) -> str:
+        """The comm id of the (last opened) widget of this model class whose description is this
+        (or starts with it, when it ends with "*")."""
+        def matches(text):
+            return text.startswith(description[:-1]) if description.endswith("*") else text == description
+
         found = [cid for cid, s in self.widgets.items()
-                 if s.get("_model_name") == model and str(s.get("description", "")).startswith(description_prefix)]
+                 if s.get("_model_name") == model and matches(str(s.get("description", "")))]
         if not found:
-            raise KernelError(f"no {model} {description_prefix!r} among {[s.get('_model_name') for s in self.widgets.values()]}")
+            raise KernelError(f"no {model} {description!r} among {[s.get('_model_name') for s in self.widgets.values()]}")
         return found[-1]
 
     def comm(self, comm_id: str, data: dict) -> Reply:

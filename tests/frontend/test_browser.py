@@ -175,8 +175,8 @@ def run_the_example(page, server: Server, url: str, path: str, name: str):
 
     # The %%trainstep widget: the result of step 1, a learning-rate slider, a Step button.
     widget = page.locator(".jp-OutputArea-output .widget-vbox", has=page.locator(".widget-slider")).first
-    widget.get_by_text("step 1").wait_for()
-    slider = widget.locator(".widget-slider", has=page.locator(".widget-label", has_text=re.compile(r"^lr")))
+    widget.get_by_text("step 1").first.wait_for()
+    slider = widget.locator(".widget-slider", has=page.locator(".widget-label", has_text=re.compile(r"^lr"))).first
     readout = slider.locator(".widget-readout")
     assert float(readout.inner_text()) == pytest.approx(0.01)
 
@@ -199,8 +199,8 @@ def run_the_example(page, server: Server, url: str, path: str, name: str):
         chosen = float(readout.inner_text())
         assert chosen < 0.01
 
-        widget.get_by_role("button", name="Step").click()
-        widget.get_by_text("step 2").wait_for()
+        widget.get_by_role("button", name="Step", exact=True).click()
+        widget.get_by_text("step 2").first.wait_for()
 
         # Python itself: the optimizer runs at the dragged rate and took one step.
         assert kernel.value("optimizer.param_groups[0]['lr']") == pytest.approx(chosen, rel=0.01)
@@ -235,7 +235,7 @@ def test_jupyterlab(page, server):
     set_theme(server, "JupyterLab Light")
     shapes, widget = run_the_example(page, server, f"/lab/tree/lab/{NOTEBOOK.name}", f"lab/{NOTEBOOK.name}", "jupyterlab")
     readme_screenshot(page, shapes, "shapes-jupyterlab.png")
-    readme_screenshot(page, widget.get_by_role("button", name="Step"), "trainstep-jupyterlab.png")
+    readme_screenshot(page, widget.get_by_role("button", name="Step", exact=True), "trainstep-jupyterlab.png")
 
     # A model with hundreds of module calls, typed into a new cell: a short table, a row count,
     # and every row one click away in a box that scrolls.
@@ -262,7 +262,6 @@ def test_jupyterlab(page, server):
     check_contrast(big)
     page.screenshot(path=ARTIFACTS / "jupyterlab-dark.png")
     readme_screenshot(page, shapes, "shapes-jupyterlab-dark.png")
-    set_theme(server, "JupyterLab Light")
 
 
 def test_notebook7(page, server):
@@ -270,7 +269,7 @@ def test_notebook7(page, server):
     shapes, widget = run_the_example(page, server, f"/notebooks/notebook/{NOTEBOOK.name}",
                                      f"notebook/{NOTEBOOK.name}", "notebook7")
     check_contrast(shapes)
-    readme_screenshot(page, widget.get_by_role("button", name="Step"), "trainstep-notebook7.png")
+    readme_screenshot(page, widget.get_by_role("button", name="Step", exact=True), "trainstep-notebook7.png")
 
 
 def check_contrast(output):

@@ -117,7 +117,7 @@ def test_no_widget_gives_the_text_and_html_result(kernel):
 
 def test_slider_and_step_button_driven_over_the_protocol(kernel):
     run_notebook(kernel)
-    slider = kernel.widget("FloatLogSliderModel", "lr")
+    slider = kernel.widget("FloatLogSliderModel", "lr*")
     button = kernel.widget("ButtonModel", "Step")
     assert kernel.widgets[slider]["value"] == pytest.approx(0.01)
     kernel.run("_steps = []\n_hook = optimizer.register_step_post_hook(lambda *a: _steps.append(1))\n"
