@@ -19,13 +19,14 @@ _CSS = (
     ".tm-result.tm-result table{border-collapse:collapse;margin:3px 0 6px 0;font-size:inherit;color:inherit;table-layout:auto}"
     ".tm-result.tm-result th,.tm-result.tm-result td{text-align:left;white-space:pre;vertical-align:top;"
     "padding:1px 14px 1px 4px;line-height:inherit;border:none}"
-    ".tm-result.tm-result table th{font-weight:bold;border-bottom:1px solid var(--jp-border-color1,#8888);"
-    "background:var(--jp-layout-color0,var(--vscode-editor-background,Canvas))}"
+    ".tm-result.tm-result table th{font-weight:bold;border-bottom:1px solid var(--jp-border-color1,#8888)}"
     ".tm-result.tm-result table .num{text-align:right}"
     ".tm-result.tm-result table tr.tm-fail td{color:var(--jp-error-color1,var(--vscode-errorForeground,#d32f2f));font-weight:bold}"
-    ".tm-result.tm-result table tr.tm-dim td{color:var(--jp-content-font-color3,#888)}"
+    ".tm-result.tm-result table tr.tm-dim td{color:var(--jp-content-font-color2,#888)}"
     ".tm-result .tm-scroll{max-height:30em;overflow:auto;display:inline-block;max-width:100%}"
-    ".tm-result .tm-scroll th{position:sticky;top:0;z-index:1}"
+    # the header stays on top of a scrolling table: it needs the page's own background
+    ".tm-result .tm-scroll th{position:sticky;top:0;z-index:1;background:var(--jp-layout-color0,"
+    "var(--vscode-editor-background,var(--colab-primary-surface-color,Canvas)))}"
     ".tm-result summary{cursor:pointer}"
     "</style>"
 )

@@ -169,9 +169,12 @@ def run_the_example(page, server: Server, url: str, path: str, name: str):
     menu(page, "Run", "Run All Cells")
 
     # The %shapes table: the notes' question answered (6 x 15 x 15 = 1350 into fc1).
-    table = page.locator(".jp-OutputArea-output .tm-result table", has_text="conv1").first
+    table = page.locator(".jp-OutputArea-output .tm-result table", has_text="[1, 6, 30, 30]").first
     table.wait_for()
-    assert "[1, 6, 30, 30]" in table.inner_text() and "[1, 1350]" in table.inner_text()
+    assert "[1, 1350]" in table.inner_text()
+    # A 28x28 input: the failing call stands out (the error colour of the theme).
+    failed = page.locator(".jp-OutputArea-output .tm-result", has_text="failed on input").first
+    failed.locator("tr.tm-fail", has_text="fc1").wait_for()
 
     # The %%trainstep widget: the result of step 1, a learning-rate slider, a Step button.
     widget = page.locator(".jp-OutputArea-output .widget-vbox", has=page.locator(".widget-slider")).first
@@ -209,7 +212,7 @@ def run_the_example(page, server: Server, url: str, path: str, name: str):
         kernel.close()
 
     page.screenshot(path=ARTIFACTS / f"{name}.png")
-    return table, widget
+    return table, failed, widget
 
 
 BIG_MODEL = ("big = nn.Sequential(*[nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)) "
@@ -233,8 +236,9 @@ def readme_screenshot(page, content, name: str):
 
 def test_jupyterlab(page, server):
     set_theme(server, "JupyterLab Light")
-    shapes, widget = run_the_example(page, server, f"/lab/tree/lab/{NOTEBOOK.name}", f"lab/{NOTEBOOK.name}", "jupyterlab")
+    shapes, failed, widget = run_the_example(page, server, f"/lab/tree/lab/{NOTEBOOK.name}", f"lab/{NOTEBOOK.name}", "jupyterlab")
     readme_screenshot(page, shapes, "shapes-jupyterlab.png")
+    readme_screenshot(page, failed, "shapes-failure-jupyterlab.png")
     readme_screenshot(page, widget.get_by_role("button", name="Step", exact=True), "trainstep-jupyterlab.png")
 
     # A model with hundreds of module calls, typed into a new cell: a short table, a row count,
@@ -259,6 +263,7 @@ def test_jupyterlab(page, server):
     page.wait_for_function("document.body.dataset.jpThemeLight === 'false' && "
                            "getComputedStyle(document.body).getPropertyValue('--jp-layout-color0').trim() !== 'white'")
     check_contrast(shapes)
+    check_contrast(failed, "tr.tm-fail td")
     check_contrast(big)
     page.screenshot(path=ARTIFACTS / "jupyterlab-dark.png")
     readme_screenshot(page, shapes, "shapes-jupyterlab-dark.png")
@@ -266,22 +271,24 @@ def test_jupyterlab(page, server):
 
 def test_notebook7(page, server):
     set_theme(server, "JupyterLab Light")
-    shapes, widget = run_the_example(page, server, f"/notebooks/notebook/{NOTEBOOK.name}",
+    shapes, failed, widget = run_the_example(page, server, f"/notebooks/notebook/{NOTEBOOK.name}",
                                      f"notebook/{NOTEBOOK.name}", "notebook7")
     check_contrast(shapes)
     readme_screenshot(page, widget.get_by_role("button", name="Step", exact=True), "trainstep-notebook7.png")
 
 
-def check_contrast(output):
-    """The table's text is readable on the page's background (WCAG contrast of at least 4.5)."""
-    ratio = output.evaluate("""(el) => {
+def check_contrast(output, cell: str = "td"):
+    """The table's text is readable on the page's background (WCAG contrast of at least 4.5 for
+    text, 3 for the bold text of a failing row)."""
+    ratio = output.evaluate("""(el, cell) => {
         const rgb = (c) => c.match(/[\\d.]+/g).slice(0, 3).map(Number);
         const lum = ([r, g, b]) => [r, g, b].map(v => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; })
                                    .reduce((s, v, i) => s + v * [0.2126, 0.7152, 0.0722][i], 0);
-        const td = el.querySelector('td');
+        const td = el.querySelector(cell);
         let bg = td, color = getComputedStyle(td).color;
         while (bg && getComputedStyle(bg).backgroundColor.match(/rgba\\(.*, 0\\)|transparent/)) bg = bg.parentElement;
         const [a, b] = [lum(rgb(color)), lum(rgb(bg ? getComputedStyle(bg).backgroundColor : 'rgb(255,255,255)'))];
         return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
-    }""")
-    assert ratio >= 4.5, f"table text contrast {ratio:.2f} on its background"
+    }""", cell)
+    least = 4.5 if cell == "td" else 3
+    assert ratio >= least, f"{cell} text contrast {ratio:.2f} on its background"

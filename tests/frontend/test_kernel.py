@@ -4,6 +4,7 @@ JupyterLab drives it: a comm `update` when the slider moves, a `custom` click me
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -47,13 +48,18 @@ def test_every_cell_runs_without_errors_or_stderr(executed):
 
 
 def test_shapes_and_summary_are_html_tables(executed):
-    shapes = data(cell(executed, "%shapes net"), "text/html")
+    shapes = data(cell(executed, "%shapes net 1,1,32,32"), "text/html")
     assert len(shapes) == 1
     html = shapes[0]
     assert "<table" in html and "conv1" in html and "fc1" in html
     # the notes' question: conv1 makes 6 x 30 x 30, pooling 6 x 15 x 15, fc1 receives 1350
     assert "[1, 6, 30, 30]" in html and "[1, 1350]" in html
     assert "Traceback" not in html
+
+    failed = data(cell(executed, "%shapes net 1,1,28,28"), "text/html")
+    assert len(failed) == 1
+    assert re.search(r'<tr class="tm-fail"><td>\s*fc1</td>', failed[0]), failed[0]
+    assert "fc1 (Linear) failed on input [1, 1014]" in failed[0]
 
     summary = data(cell(executed, "%summary net"), "text/html")
     assert len(summary) == 1 and "<table" in summary[0]

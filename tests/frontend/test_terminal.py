@@ -18,7 +18,7 @@ SHAPES_ROW = r"^  conv1 +Conv2d +\[1, 1, 32, 32\] +\[1, 6, 30, 30\] +float32 +60
 
 def check_text_only(out: str):
     """A terminal gets text: no HTML, no widget repr, no traceback."""
-    for leak in ("<table", "<div", "VBox(", "FloatLogSlider", "Traceback", "Error"):
+    for leak in ("<table", "<div", "VBox(", "FloatLogSlider", "Traceback", "UsageError"):
         assert leak not in out, f"{leak!r} in the terminal output:\n{out}"
 
 
@@ -35,6 +35,9 @@ def test_demo_script_replays_the_notes():
     assert "selected cpu (bound to `device`)" in out  # %device auto
     assert re.search(SHAPES_ROW, out, re.M), out  # %shapes: how 1350 is computed
     assert re.search(r"^  fc1 +Linear +\[1, 1350\] +\[1, 10\] ", out, re.M), out
+    # the 28x28 input: the table up to the failing call, and the reason
+    assert re.search(r"^  fc1 +Linear +\[1, 1014\] +✗ raised", out, re.M), out
+    assert "fc1 (Linear) failed on input [1, 1014]" in out
     assert "total params: 13,570" in out  # %summary
     steps = re.findall(r"^net: step (\d+)\nloss: [\d.]+ +grad norm: [\d.]+ +lr: ([\d.e-]+)$", out, re.M)
     assert steps == [("1", "0.01"), ("2", "0.001")], out  # the two %%trainstep cells, as text
