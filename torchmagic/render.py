@@ -3,22 +3,37 @@ from __future__ import annotations
 
 import html
 
-# JupyterLab theme variables with fallbacks, so tables read well in light and dark themes.
+# Colours and fonts come from the front end's theme (JupyterLab/Notebook 7 variables, then VS Code's),
+# so the tables read well in light and dark themes. Table rules name the class twice: that outweighs
+# JupyterLab's own output-table rules (`:not(.jp-RenderedMarkdown).jp-RenderedHTMLCommon td`: cells
+# aligned right, whitespace collapsed).
 _CSS = (
     "<style>"
-    ".tm-result{font-family:var(--jp-code-font-family,monospace);font-size:var(--jp-code-font-size,12px);"
-    "color:var(--jp-content-font-color1,inherit)}"
-    ".tm-result table{border-collapse:collapse;margin:2px 0}"
-    ".tm-result th{text-align:left;border-bottom:1px solid var(--jp-border-color1,#8884);padding:1px 10px 1px 0}"
-    ".tm-result td{padding:1px 10px 1px 0;white-space:pre;vertical-align:top}"
-    ".tm-result td.num{text-align:right}"
-    ".tm-result tr.tm-fail td{color:var(--jp-error-color1,#d32f2f);font-weight:bold}"
-    ".tm-result tr.tm-dim td{color:var(--jp-content-font-color3,#888)}"
+    ".tm-result{font-family:var(--jp-code-font-family,var(--vscode-editor-font-family,monospace));"
+    "font-size:var(--jp-code-font-size,13px);line-height:1.45;"
+    "color:var(--jp-content-font-color1,var(--vscode-editor-foreground,inherit))}"
     ".tm-result .tm-title{font-weight:bold}"
-    ".tm-result .tm-note{color:var(--jp-content-font-color2,inherit)}"
-    ".tm-result .tm-error{color:var(--jp-error-color1,#d32f2f)}"
+    ".tm-result .tm-note,.tm-result .tm-error,.tm-result .tm-count{white-space:pre-wrap}"
+    ".tm-result .tm-note,.tm-result .tm-count,.tm-result summary{color:var(--jp-content-font-color2,inherit)}"
+    ".tm-result .tm-error{color:var(--jp-error-color1,var(--vscode-errorForeground,#d32f2f))}"
+    ".tm-result.tm-result table{border-collapse:collapse;margin:3px 0 6px 0;font-size:inherit;color:inherit;table-layout:auto}"
+    ".tm-result.tm-result th,.tm-result.tm-result td{text-align:left;white-space:pre;vertical-align:top;"
+    "padding:1px 14px 1px 4px;line-height:inherit;border:none}"
+    ".tm-result.tm-result table th{font-weight:bold;border-bottom:1px solid var(--jp-border-color1,#8888)}"
+    ".tm-result.tm-result table .num{text-align:right}"
+    ".tm-result.tm-result table tr.tm-fail td{color:var(--jp-error-color1,var(--vscode-errorForeground,#d32f2f));font-weight:bold}"
+    ".tm-result.tm-result table tr.tm-dim td{color:var(--jp-content-font-color2,#888)}"
+    ".tm-result .tm-scroll{max-height:30em;overflow:auto;display:inline-block;max-width:100%}"
+    # the header stays on top of a scrolling table: it needs the page's own background
+    ".tm-result .tm-scroll th{position:sticky;top:0;z-index:1;background:var(--jp-layout-color0,"
+    "var(--vscode-editor-background,var(--colab-primary-surface-color,Canvas)))}"
+    ".tm-result summary{cursor:pointer}"
     "</style>"
 )
+
+# A table longer than this shows its shallow rows; all rows (up to MAX_HTML_ROWS) unfold below it.
+LONG_TABLE = 50
+MAX_HTML_ROWS = 1000
 
 
 def text_table(columns: list[str], rows: list[list[str]], numeric: set[int] = frozenset()) -> str:
@@ -42,10 +57,33 @@ def html_table(
     numeric: set[int] = frozenset(),
     row_classes: list[str] | None = None,
 ) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    """An HTML table. A long one (models with hundreds of calls) stays short: the rows up to the
+    deepest depth that fits in LONG_TABLE rows, a row count, and every row in a scrolling box
+    behind a <details>. A row's depth is its first cell's indentation, two spaces a level, as in
+    the text table; rows marked tm-fail are always shown."""
+    classes = row_classes or [""] * len(rows)
+    if len(rows) <= LONG_TABLE:
+        return _table(columns, rows, numeric, classes)
+    depths = [(len(r[0]) - len(r[0].lstrip(" "))) // 2 if r else 0 for r in rows]
+    shown_depth = max((d for d in sorted(set(depths)) if sum(x <= d for x in depths) <= LONG_TABLE), default=None)
+    full = rows[:MAX_HTML_ROWS]
+    more = len(rows) - len(full)
+    everything = f'<div class="tm-scroll">{_table(columns, full, numeric, classes)}</div>'
+    if more:
+        everything += f'<div class="tm-count">… {count(more)} more rows not shown; print() the result for all of them</div>'
+    if not shown_depth or shown_depth == max(depths):  # no depth worth folding to: the scrolling box alone
+        return f'<div class="tm-count">{count(len(rows))} rows</div>{everything}'
+    keep = [i for i, d in enumerate(depths) if d <= shown_depth or "tm-fail" in classes[i]]
+    short = _table(columns, [rows[i] for i in keep], numeric, [classes[i] for i in keep])
+    return (f'<div class="tm-count">{count(len(keep))} of {count(len(rows))} rows, up to depth {shown_depth}</div>'
+            f"{short}<details><summary>all {count(len(rows))} rows</summary>{everything}</details>")
+
+
+def _table(columns: list[str], rows: list[list[str]], numeric: set[int], classes: list[str]) -> str:
+    head = "".join(f'<th class="num">{html.escape(c)}</th>' if i in numeric else f"<th>{html.escape(c)}</th>"
+                   for i, c in enumerate(columns))
     body = []
-    for n, row in enumerate(rows):
-        cls = row_classes[n] if row_classes and row_classes[n] else ""
+    for row, cls in zip(rows, classes):
         cells = "".join(
             f'<td class="num">{html.escape(c)}</td>' if i in numeric else f"<td>{html.escape(c)}</td>"
             for i, c in enumerate(row)
