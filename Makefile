@@ -23,12 +23,16 @@ test: unit frontend-kernel frontend-terminal frontend-browser
 unit: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests --ignore=tests/frontend
 
-# Front ends, for real: each tier in its own pytest process (Playwright's event loop must not meet
+# Front ends, for real (Debian's chromium and tmux are installed with apt-get when missing): each tier in its own pytest process (Playwright's event loop must not meet
 # the kernel tests). A missing program (tmux, chromium) fails here rather than skipping.
 FRONTEND_PYTEST := TORCHMAGIC_FRONTENDS=required $(BIN)/python -m pytest -q
 
 $(BIN)/.frontend-installed: $(BIN)/.installed tests/frontend/requirements.txt
 	$(BIN)/python -m pip install -q --disable-pip-version-check -r tests/frontend/requirements.txt
+	@command -v chromium >/dev/null && command -v tmux >/dev/null || { \
+		sudo=""; [ "$$(id -u)" -eq 0 ] || sudo="sudo"; \
+		$$sudo apt-get update -q && \
+		$$sudo apt-get install -y -q --no-install-recommends chromium chromium-driver tmux; }
 	touch $@
 
 frontend: frontend-kernel frontend-terminal frontend-browser
