@@ -58,6 +58,8 @@ def trainable_report(model: nn.Module, name: str, action: str, changed: list[str
 def set_trainable(model: nn.Module, name: str, patterns: list[str], *, trainable: bool,
                   exclude: list[str] = ()) -> FreezeReport:
     """requires_grad = trainable for the selected parameters. Changes nothing if a pattern is wrong."""
+    if not any(True for _ in model.parameters()):
+        raise TorchMagicError(f"{name} ({type(model).__name__}) has no parameters to freeze or unfreeze: give the model")
     chosen = select(model, patterns, exclude)
     changed = [n for n, p in chosen if p.requires_grad != trainable]
     for _, p in chosen:

@@ -282,8 +282,11 @@ class TorchMagics(Magics):
             raise TorchMagicError(f"give the model or submodule, e.g. %{name} net.conv1 or %{name} net conv1")
         args = self._parse(magic, line)
         model, model_name, prefix = self._model_and_prefix(args.target)
-        inside = [f"{prefix}.{p}" if prefix else p for p in args.patterns] or ([prefix] if prefix else [])
-        exclude = [f"{prefix}.{p}" if prefix else p for p in args.exclude]
+
+        def scoped(names):  # relative to the submodule given; quotes are optional ('*.bias')
+            return [f"{prefix}.{n}" if prefix else n for n in (n.strip("'\"") for n in names)]
+
+        inside, exclude = scoped(args.patterns) or ([prefix] if prefix else []), scoped(args.exclude)
         return finetune.set_trainable(model, model_name, inside, trainable=trainable, exclude=exclude)
 
     def _model_and_prefix(self, expr: str):

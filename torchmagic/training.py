@@ -509,16 +509,30 @@ class StepSession:
 
     def preview(self, lrs: list[float] | None = None) -> StepResult:
         """One step at these rates with the loss after it on the same batch, then everything put back."""
-        outcome = run_step(self.model, self.optimizer, self.body, model_name=self.model_name,
-                           step_number=self.ledger.count + 1, lrs=lrs, evaluate=self.evaluate)
-        result = outcome.result
-        if outcome.checkpoint is not None:
-            outcome.checkpoint.restore()
-        result.preview = True
-        return result
+        with self._undo_kept():
+            outcome = run_step(self.model, self.optimizer, self.body, model_name=self.model_name,
+                               step_number=self.ledger.count + 1, lrs=lrs, evaluate=self.evaluate)
+            if outcome.checkpoint is not None:
+                outcome.checkpoint.restore()
+        outcome.result.preview = True
+        return outcome.result
 
     def sweep(self, rates: list[float]) -> SweepResult:
-        return lr_sweep(self.model, self.optimizer, self.body, self.evaluate, rates, model_name=self.model_name)
+        with self._undo_kept():
+            return lr_sweep(self.model, self.optimizer, self.body, self.evaluate, rates, model_name=self.model_name)
+
+    @contextlib.contextmanager
+    def _undo_kept(self):
+        """A preview or sweep writes the parameters and puts them back, which bumps their version
+        counters: the undo point stays valid if it was valid before."""
+        ledger = self.ledger
+        valid = ledger.undo is not None and ledger.undo.backup is not None and \
+            ledger.undo.backup.versions() == ledger.undo_versions
+        try:
+            yield
+        finally:
+            if valid:
+                ledger.undo_versions = ledger.undo.backup.versions()
 
 
 def sweep_rates(lo: float, hi: float, points: int) -> list[float]:
