@@ -83,43 +83,75 @@ def interrupts_deferred():
 
 class ParamBackup:
     """Copies of some parameters and of their optimizer state; restore() is bit-exact and keeps
-    the identity of every tensor and state dict (aliases the user holds stay valid)."""
+    the identity of every tensor and state dict (aliases the user holds stay valid).
 
-    def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]):
+    `recycle`: an older backup whose copies are overwritten instead of allocating new ones (on a
+    CPU, fresh large allocations cost page faults on every step, more than the copy itself)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], recycle: ParamBackup | None = None):
+        pool = recycle.pool() if recycle is not None else {}
         state = optimizer.state
-        with torch.no_grad():
-            self.params = params
-            self.values = [p.detach().clone() for p in params]
-            self.state = []
-            for p in params:
-                if p not in state:  # `in` does not create the defaultdict's entry
-                    self.state.append((p, None, None))
-                    continue
-                entries = state[p]
-                saved = {k: (v, v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)) for k, v in entries.items()}
-                self.state.append((p, entries, saved))
+        self.params = params
+        self.state = []
+        sources = list(params)  # the tensors themselves: the pool knows them by identity
+        for p in params:
+            if p not in state:  # `in` does not create the defaultdict's entry
+                self.state.append((p, None, {}))
+                continue
+            entries = state[p]
+            self.state.append((p, entries, {k: v for k, v in entries.items() if not isinstance(v, torch.Tensor)}))
+            sources += [v for v in entries.values() if isinstance(v, torch.Tensor)]
+        copies = _copies(sources, pool)
+        self.values, rest = copies[:len(params)], iter(copies[len(params):])
+        self.saved = []  # per param: {key: (original, copy)} for tensors, {key: deep copy} for the rest
+        for p, entries, plain in self.state:
+            tensors = {k: (v, next(rest)) for k, v in entries.items() if isinstance(v, torch.Tensor)} if entries else {}
+            self.saved.append((tensors, copy.deepcopy(plain)))
         self.state_dict = state
+
+    def pool(self) -> dict[int, torch.Tensor]:
+        """The copies, by the identity of what they copy."""
+        out = {id(p): v for p, v in zip(self.params, self.values)}
+        for tensors, _ in self.saved:
+            out.update({id(original): value for original, value in tensors.values()})
+        return out
 
     def restore(self):
         with torch.no_grad():
             if self.params:
                 torch._foreach_copy_([p.detach() for p in self.params], self.values)
             state = self.state_dict
-            for p, entries, saved in self.state:
+            for (p, entries, _), (tensors, plain) in zip(self.state, self.saved):
                 if entries is None:
                     state.pop(p, None)
                     continue
                 entries.clear()
-                for k, (original, value) in saved.items():
-                    if isinstance(original, torch.Tensor):
-                        original.copy_(value)
-                        entries[k] = original
-                    else:
-                        entries[k] = copy.deepcopy(value)
+                for k, (original, value) in tensors.items():
+                    original.copy_(value)
+                    entries[k] = original
+                entries.update(copy.deepcopy(plain))
                 state[p] = entries
 
     def versions(self) -> list[int]:
         return [p._version for p in self.params]
+
+
+def _copies(sources: list[torch.Tensor], pool: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+    """A copy of each tensor, into the pool's buffer for it where one fits (one foreach copy)."""
+    out, dst, src = [], [], []
+    with torch.no_grad():
+        for t in sources:
+            buf = pool.get(id(t))
+            if buf is not None and buf.shape == t.shape and buf.dtype == t.dtype and buf.device == t.device \
+                    and buf.layout == t.layout == torch.strided:
+                dst.append(buf)
+                src.append(t)
+                out.append(buf)
+            else:
+                out.append(t.clone())
+        if dst:
+            torch._foreach_copy_(dst, src)
+    return out
 
 
 class RngState:
@@ -256,18 +288,30 @@ def _gather(scalars: list[torch.Tensor]) -> list[float]:
     return out
 
 
-def _chunked_update_norms(params: list[torch.Tensor], before: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Norms of (after - before), in chunks so that the temporary differences stay small."""
-    out, start, limit = [], 0, 256 * 2**20
-    while start < len(params):
-        end, size = start, 0
-        while end < len(params) and (end == start or size + params[end].nbytes <= limit):
-            size += params[end].nbytes
-            end += 1
-        diffs = torch._foreach_sub([p.detach() for p in params[start:end]], before[start:end])
-        out += _norms(diffs)
-        del diffs
-        start = end
+def _update_norms(params: list[torch.Tensor], before: list[torch.Tensor]) -> list[torch.Tensor]:
+    """|after - before| per tensor without a full-size temporary: on a CPU in slices small enough
+    for the difference to stay in cache (this pass is memory-bound), elsewhere in foreach batches
+    of at most 256 MB."""
+    out: list[torch.Tensor] = []
+    with torch.no_grad():
+        if all(p.device.type == "cpu" for p in params):
+            slice_ = 1 << 18  # 1 MB of float32
+            for p, b in zip(params, before):
+                a, b = p.detach().reshape(-1), b.reshape(-1)
+                if a.numel() <= slice_:
+                    out.append(torch.linalg.vector_norm(a - b))
+                    continue
+                parts = [torch.linalg.vector_norm(x - y) for x, y in zip(a.split(slice_), b.split(slice_))]
+                out.append(torch.linalg.vector_norm(torch.stack(parts)))
+            return out
+        start, limit = 0, 256 * 2**20
+        while start < len(params):
+            end, size = start, 0
+            while end < len(params) and (end == start or size + params[end].nbytes <= limit):
+                size += params[end].nbytes
+                end += 1
+            out += _norms(torch._foreach_sub([p.detach() for p in params[start:end]], before[start:end]))
+            start = end
     return out
 
 
@@ -282,18 +326,22 @@ class Outcome:
 class Transaction:
     """zero_grad, body() -> loss, backward, step, as one unit. See run_step."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, model_name: str):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, model_name: str,
+                 recycle: ParamBackup | None = None, on_recycle: Callable[[], None] | None = None):
         self.model, self.optimizer, self.model_name = model, optimizer, model_name
         self.checkpoint = Checkpoint(model, optimizer)
         self.cell_steps = 0
         self.ours = False
+        self.recycle, self.on_recycle = recycle, on_recycle
 
     def _before_step(self, optimizer, args, kwargs):
         if not self.ours:
             self.cell_steps += 1
         if self.checkpoint.backup is None:
             params = [p for p in optimizer_params(optimizer) if p.grad is not None]
-            self.checkpoint.backup = ParamBackup(optimizer, params)
+            if self.recycle is not None and self.on_recycle is not None:
+                self.on_recycle()  # whatever still counted on the recycled copies must stop now
+            self.checkpoint.backup = ParamBackup(optimizer, params, self.recycle)
 
     def forward_backward(self, body: Callable[[], object]) -> tuple[torch.Tensor, list[str]]:
         notes = []
@@ -358,65 +406,101 @@ def _nonfinite_grads(params: list[torch.Tensor], names: dict[int, str]) -> list[
 
 def run_step(model: nn.Module, optimizer: torch.optim.Optimizer, body: Callable[[], object], *,
              model_name: str, step_number: int, lrs: list[float] | None = None,
-             evaluate: Callable[[], object] | None = None) -> Outcome:
+             evaluate: Callable[[], object] | None = None,
+             recycle: ParamBackup | None = None, on_recycle: Callable[[], None] | None = None) -> Outcome:
     """zero_grad, body() -> loss, backward, step, then per-parameter statistics.
 
     On any failure (an exception in the body, backward, the step or --eval, Ctrl-C) everything
     is put back: parameters, optimizer state, grads, buffers, modes, RNG, learning rates; the
     error propagates unchanged. A non-finite loss or gradient also puts everything back (grads
     included: the step leaves nothing behind, as promised) and returns a result saying which
-    parameters had non-finite gradients. All numbers reach the host in one transfer."""
-    tx = Transaction(model, optimizer, model_name)
+    parameters had non-finite gradients.
+
+    On a GPU all numbers reach the host in one transfer (one sync), and a non-finite gradient is
+    found after the step, which is then rolled back. On a CPU, where a transfer costs nothing, the
+    gradients are checked before the step, so a skipped step never touches the optimizer."""
+    tx = Transaction(model, optimizer, model_name, recycle, on_recycle)
     ck = tx.checkpoint
+    names = _param_names(model, model_name)
+    checked = False
+    pre_norms = early_norms = None
     try:
         set_lrs(optimizer, lrs)
         with tx.watching():
             loss, notes = tx.forward_backward(body)
-            tx.step()
+            if not tx.cell_steps:
+                grads_now = [p for p in optimizer_params(optimizer) if p.grad is not None]
+                if all(p.device.type == "cpu" for p in grads_now):
+                    early_norms = _norms([p.grad for p in grads_now])
+                    early = _gather([loss.detach().reshape(()).real] + early_norms)
+                    skipped = _skip_reason(early[0], grads_now, names, notes) if not _finite(early) else ""
+                    if skipped:
+                        ck.restore()
+                        return Outcome(_skipped(model_name, early[0], optimizer, step_number, skipped, notes), None)
+                    checked = True
+                pre_norms = (grads_now, _norms([p.detach() for p in grads_now]))
+                tx.step()
         if tx.cell_steps:
             notes.append(f"the cell called optimizer.step() itself ({tx.cell_steps}x): %%trainstep did not step again")
         backup = ck.backup
         params = backup.params if backup else []
-        grads = [p.grad if p.grad is not None else torch.zeros((), device=p.device) for p in params]
-        scalars = [loss.detach().reshape(()).real]
-        scalars += _norms(grads) + _norms(backup.values if backup else []) + (
-            _chunked_update_norms(params, backup.values) if backup else [])
-        if evaluate is not None:
-            scalars.append(_evaluate_after(evaluate, ck.rng, model).real)
+        loss_after = _evaluate_after(evaluate, ck.rng, model).real if evaluate is not None else None
+        # parameter norms before the step: measured before it, or (the cell stepped itself) from the copies
+        if pre_norms is not None and [id(p) for p in pre_norms[0]] == [id(p) for p in params]:
+            before, grad_norms = pre_norms[1], early_norms or _norms([p.grad for p in params])
+        else:
+            before = _norms(backup.values if backup else [])
+            grad_norms = _norms([p.grad if p.grad is not None else torch.zeros((), device=p.device) for p in params])
+        scalars = [loss.detach().reshape(()).real] + grad_norms + before
+        scalars += _update_norms(params, backup.values) if backup else []
+        if loss_after is not None:
+            scalars.append(loss_after)
         values = _gather(scalars)
         n = len(params)
         loss_value, gn, pn, un = values[0], values[1:1 + n], values[1 + n:1 + 2 * n], values[1 + 2 * n:1 + 3 * n]
-        loss_after = values[-1] if evaluate is not None else None
-        names = _param_names(model, model_name)
-        skipped = ""
-        if not math.isfinite(loss_value):
-            skipped = f"the loss is {loss_value}: no step taken, nothing changed"
-        elif not all(math.isfinite(v) for v in gn):
-            bad = _nonfinite_grads(params, names)
-            if bad:
-                shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
-                skipped = f"non-finite gradients in {shown}: no step taken, nothing changed"
-            else:
-                notes.append("some gradient norms overflow float32 (gradients above about 1e19)")
-        if skipped:
-            ck.restore()
-            result = StepResult(model=model_name, loss=loss_value, grad_norm=float("nan"), lrs=group_lrs(optimizer),
-                                step=step_number - 1, skipped=skipped, notes=notes)
-            return Outcome(result, None)
+        loss_after = values[-1] if loss_after is not None else None
+        if not checked and not _finite([loss_value] + gn):
+            skipped = _skip_reason(loss_value, params, names, notes)
+            if skipped:
+                ck.restore()
+                return Outcome(_skipped(model_name, loss_value, optimizer, step_number, skipped, notes), None)
     except BaseException:
         ck.restore()
         raise
+    order = {name: i for i, name in enumerate(names.values())}
     group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
     lr_now = group_lrs(optimizer)
     rows = [ParamStep(name=names.get(id(p), f"(outside {model_name})"), shape=list(p.shape),
                       group=group_of.get(id(p), 0), lr=lr_now[group_of.get(id(p), 0)],
                       grad_norm=gn[i], param_norm=pn[i], update_norm=un[i]) for i, p in enumerate(params)]
+    rows.sort(key=lambda r: order.get(r.name, len(order)))
     frozen = sum(1 for p in model.parameters() if not p.requires_grad)
     if frozen:
         notes.append(f"{frozen} frozen parameter tensors (requires_grad=False) not shown")
     result = StepResult(model=model_name, loss=loss_value, grad_norm=_total(gn), lrs=lr_now, step=step_number,
                         notes=notes, params=rows, param_norm=_total(pn), update_norm=_total(un), loss_after=loss_after)
     return Outcome(result, ck)
+
+
+def _finite(values: list[float]) -> bool:
+    return all(math.isfinite(v) for v in values)
+
+
+def _skip_reason(loss_value: float, params: list[torch.Tensor], names: dict[int, str], notes: list[str]) -> str:
+    """Why the step is skipped; "" when only our float32 norm overflowed (the gradients are finite)."""
+    if not math.isfinite(loss_value):
+        return f"the loss is {loss_value}: no step taken, nothing changed"
+    bad = _nonfinite_grads(params, names)
+    if not bad:
+        notes.append("some gradient norms overflow float32 (gradients above about 1e19)")
+        return ""
+    shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+    return f"non-finite gradients in {shown}: no step taken, nothing changed"
+
+
+def _skipped(model_name, loss_value, optimizer, step_number, skipped, notes) -> StepResult:
+    return StepResult(model=model_name, loss=loss_value, grad_norm=float("nan"), lrs=group_lrs(optimizer),
+                      step=step_number - 1, skipped=skipped, notes=notes)
 
 
 def _total(norms: Iterable[float]) -> float:
@@ -434,6 +518,7 @@ class StepLedger:
     count: int = 0
     history: list[tuple[int, float, float]] = field(default_factory=list)  # (step, loss before, lr of group 0)
     undo: Checkpoint | None = None
+    spare: ParamBackup | None = None  # the last step's copies, overwritten by the next step
     undo_versions: list[int] = field(default_factory=list)
     undo_loss: float = float("nan")
 
@@ -456,17 +541,36 @@ class StepSession:
 
     def step(self, lrs: list[float] | None = None, eval_after: bool = False) -> StepResult:
         ledger = self.ledger
-        outcome = run_step(self.model, self.optimizer, self.body, model_name=self.model_name,
-                           step_number=ledger.count + 1, lrs=lrs, evaluate=self.evaluate if eval_after else None)
+        spare, ledger.spare = ledger.spare, None
+        recycled = []
+
+        def on_recycle():  # the spare copies are about to be overwritten: an undo point using them is gone
+            recycled.append(True)
+            if ledger.undo is not None and ledger.undo.backup is spare:
+                ledger.undo = None
+
+        try:
+            outcome = run_step(self.model, self.optimizer, self.body, model_name=self.model_name,
+                               step_number=ledger.count + 1, lrs=lrs, evaluate=self.evaluate if eval_after else None,
+                               recycle=spare, on_recycle=on_recycle)
+        finally:
+            if not recycled:
+                ledger.spare = spare
         result = outcome.result
         if not result.stepped:
             return result
         with interrupts_deferred():
             ledger.count = result.step
             ledger.history.append((result.step, result.loss, result.lrs[0]))
-            ck = outcome.checkpoint if self.keep_undo else None
-            ledger.undo, ledger.undo_loss = ck, result.loss
-            ledger.undo_versions = ck.backup.versions() if ck is not None and ck.backup else []
+            ck = outcome.checkpoint
+            backup = ck.backup
+            ledger.undo = ck if self.keep_undo else None
+            ledger.undo_loss = result.loss
+            ledger.undo_versions = backup.versions() if self.keep_undo and backup else []
+            # Kept for the next step to copy into: on a CPU that saves page faults; on a GPU the
+            # caching allocator makes fresh copies cheap, so memory is only held for an undo point.
+            on_cpu = backup is not None and all(p.device.type == "cpu" for p in backup.params)
+            ledger.spare = backup if backup is not None and (self.keep_undo or on_cpu) else None
         return result
 
     def steps(self, n: int, lrs: list[float] | None = None, eval_after: bool = False,
