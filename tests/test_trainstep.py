@@ -347,3 +347,12 @@ def test_one_host_sync_per_step(shell):
         torch.cuda.set_sync_debug_mode(0)
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     assert len(syncs) == 1, [str(w.message) for w in syncs]
+
+
+def test_failed_cell_leaves_no_scheduler_residue(notes):
+    """A scheduler made in a failing cell writes `initial_lr` into the param groups: put back too."""
+    before = state(notes)
+    notes.error("%%trainstep net optimizer\nsched = torch.optim.lr_scheduler.StepLR(optimizer, 1)\n"
+                "out = net(input)\n1 / 0\ncriterion(out, y)\n")
+    assert "initial_lr" not in notes.ns["optimizer"].param_groups[0]
+    assert diff(before, state(notes)) == []

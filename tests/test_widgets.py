@@ -153,3 +153,17 @@ def test_sweep_panel_sets_the_suggested_rate(kernel):
 def test_steps_with_progress_bar(kernel):
     panel = kernel.run(CELL.replace("optimizer", "optimizer --steps 3"))
     assert panel.result.step == 3 and panel.plot.value.count("<circle") == 2 * 3
+
+
+def test_failed_step_after_recycling_the_undo_copies_disables_undo(kernel):
+    """The next step reuses the undo point's copies; if it then fails, undo must not pretend."""
+    from test_trainstep import FLAKY
+
+    kernel.run(FLAKY)
+    panel = kernel.run(CELL)
+    kernel.run("fail = RuntimeError('boom')")
+    before = kernel.state()
+    panel.click()
+    assert panel.error == "RuntimeError" and diff(before, kernel.state()) == []
+    panel.undo_button.click()
+    assert "nothing to undo" in panel.error and diff(before, kernel.state()) == []

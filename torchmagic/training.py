@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .errors import TorchMagicError
+from .guard import RngState
 from .results import ParamStep, StepResult, SweepPoint, SweepResult, UndoResult
 
 _MISSING = object()
@@ -152,19 +153,6 @@ def _copies(sources: list[torch.Tensor], pool: dict[int, torch.Tensor]) -> list[
         if dst:
             torch._foreach_copy_(dst, src)
     return out
-
-
-class RngState:
-    """The global torch RNGs: CPU and every initialised CUDA device."""
-
-    def __init__(self):
-        self.cpu = torch.random.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-
-    def restore(self):
-        torch.random.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)
 
 
 class Buffers:
@@ -392,7 +380,7 @@ def _evaluate_after(evaluate: Callable[[], object], rng_before: RngState, model:
         rng_after.restore()
 
 
-def _param_names(model: nn.Module, model_name: str) -> dict[int, str]:
+def _param_names(model: nn.Module) -> dict[int, str]:
     names = {}
     for n, p in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), n)
@@ -421,7 +409,7 @@ def run_step(model: nn.Module, optimizer: torch.optim.Optimizer, body: Callable[
     gradients are checked before the step, so a skipped step never touches the optimizer."""
     tx = Transaction(model, optimizer, model_name, recycle, on_recycle)
     ck = tx.checkpoint
-    names = _param_names(model, model_name)
+    names = _param_names(model)
     checked = False
     pre_norms = early_norms = None
     try:

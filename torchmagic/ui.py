@@ -52,6 +52,7 @@ class TrainStepPanel:
 
         self.session = session
         self.result = result
+        self.error = ""  # the last action's error: a mistake's message, or the name of the exception
         self._shell = shell
         self._call = call or (lambda fn, *args: fn(*args))
         names, lrs = session.group_names, session.lrs
