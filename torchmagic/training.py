@@ -180,8 +180,9 @@ class Checkpoint:
     pre-hook of `Transaction`, right before the optimizer first changes anything."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
-        params = {id(p): p for p in list(model.parameters()) + optimizer_params(optimizer)}.values()
-        self.grads = [(p, p.grad) for p in params]
+        self.params = list(model.parameters())  # each once, tied ones too
+        seen = {id(p) for p in self.params}
+        self.grads = [(p, p.grad) for p in self.params + [p for p in optimizer_params(optimizer) if id(p) not in seen]]
         self.modes = [(weakref.ref(m), m.training) for m in model.modules()]
         self.buffers = Buffers(model)
         self.rng = RngState()
@@ -270,7 +271,7 @@ def _gather(scalars: list[torch.Tensor]) -> list[float]:
         by_device.setdefault(s.device, []).append(i)
     out = [0.0] * len(scalars)
     for idx in by_device.values():
-        values = torch.stack([scalars[i].detach().to(torch.float64) for i in idx]).tolist()
+        values = torch.stack([scalars[i] for i in idx]).tolist()  # stack promotes mixed dtypes
         for i, v in zip(idx, values):
             out[i] = v
     return out
@@ -462,7 +463,7 @@ def run_step(model: nn.Module, optimizer: torch.optim.Optimizer, body: Callable[
                       group=group_of.get(id(p), 0), lr=lr_now[group_of.get(id(p), 0)],
                       grad_norm=gn[i], param_norm=pn[i], update_norm=un[i]) for i, p in enumerate(params)]
     rows.sort(key=lambda r: order.get(r.name, len(order)))
-    frozen = sum(1 for p in model.parameters() if not p.requires_grad)
+    frozen = sum(1 for p in ck.params if not p.requires_grad)
     if frozen:
         notes.append(f"{frozen} frozen parameter tensors (requires_grad=False) not shown")
     result = StepResult(model=model_name, loss=loss_value, grad_norm=_total(gn), lrs=lr_now, step=step_number,
