@@ -277,31 +277,34 @@ def _gather(scalars: list[torch.Tensor]) -> list[float]:
     return out
 
 
-def _update_norms(params: list[torch.Tensor], before: list[torch.Tensor]) -> list[torch.Tensor]:
-    """|after - before| per tensor without a full-size temporary: on a CPU in slices small enough
-    for the difference to stay in cache (this pass is memory-bound), elsewhere in foreach batches
-    of at most 256 MB."""
-    out: list[torch.Tensor] = []
+def _update_norms(params: list[torch.Tensor], before: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(|after - before|, |before|) per tensor without a full-size temporary: on a CPU in slices
+    small enough to stay in cache while both norms are taken (this pass is memory-bound),
+    elsewhere in foreach batches of at most 256 MB."""
+    updates: list[torch.Tensor] = []
     with torch.no_grad():
         if all(p.device.type == "cpu" for p in params):
-            slice_ = 1 << 18  # 1 MB of float32
+            olds = []
             for p, b in zip(params, before):
                 a, b = p.detach().reshape(-1), b.reshape(-1)
-                if a.numel() <= slice_:
-                    out.append(torch.linalg.vector_norm(a - b))
-                    continue
-                parts = [torch.linalg.vector_norm(x - y) for x, y in zip(a.split(slice_), b.split(slice_))]
-                out.append(torch.linalg.vector_norm(torch.stack(parts)))
-            return out
+                pairs = [(torch.linalg.vector_norm(x - y), torch.linalg.vector_norm(y))
+                         for x, y in zip(a.split(1 << 18), b.split(1 << 18))]  # 1 MB of float32
+                if len(pairs) == 1:
+                    updates.append(pairs[0][0])
+                    olds.append(pairs[0][1])
+                else:
+                    updates.append(torch.linalg.vector_norm(torch.stack([u for u, _ in pairs])))
+                    olds.append(torch.linalg.vector_norm(torch.stack([o for _, o in pairs])))
+            return updates, olds
         start, limit = 0, 256 * 2**20
         while start < len(params):
             end, size = start, 0
             while end < len(params) and (end == start or size + params[end].nbytes <= limit):
                 size += params[end].nbytes
                 end += 1
-            out += _norms(torch._foreach_sub([p.detach() for p in params[start:end]], before[start:end]))
+            updates += _norms(torch._foreach_sub([p.detach() for p in params[start:end]], before[start:end]))
             start = end
-    return out
+    return updates, _norms(before)
 
 
 @dataclass
@@ -412,7 +415,7 @@ def run_step(model: nn.Module, optimizer: torch.optim.Optimizer, body: Callable[
     ck = tx.checkpoint
     names = _param_names(model)
     checked = False
-    pre_norms = early_norms = None
+    early_norms = None
     try:
         set_lrs(optimizer, lrs)
         with tx.watching():
@@ -427,21 +430,18 @@ def run_step(model: nn.Module, optimizer: torch.optim.Optimizer, body: Callable[
                         ck.restore()
                         return Outcome(_skipped(model_name, early[0], optimizer, step_number, skipped, notes), None)
                     checked = True
-                pre_norms = (grads_now, _norms([p.detach() for p in grads_now]))
                 tx.step()
         if tx.cell_steps:
             notes.append(f"the cell called optimizer.step() itself ({tx.cell_steps}x): %%trainstep did not step again")
         backup = ck.backup
         params = backup.params if backup else []
         loss_after = _evaluate_after(evaluate, ck.rng, model).real if evaluate is not None else None
-        # parameter norms before the step: measured before it, or (the cell stepped itself) from the copies
-        if pre_norms is not None and [id(p) for p in pre_norms[0]] == [id(p) for p in params]:
-            before, grad_norms = pre_norms[1], early_norms or _norms([p.grad for p in params])
+        if early_norms is not None and [id(p) for p in grads_now] == [id(p) for p in params]:
+            grad_norms = early_norms
         else:
-            before = _norms(backup.values if backup else [])
             grad_norms = _norms([p.grad if p.grad is not None else torch.zeros((), device=p.device) for p in params])
-        scalars = [loss.detach().reshape(()).real] + grad_norms + before
-        scalars += _update_norms(params, backup.values) if backup else []
+        updates, before = _update_norms(params, backup.values) if backup else ([], [])
+        scalars = [loss.detach().reshape(()).real] + grad_norms + before + updates
         if loss_after is not None:
             scalars.append(loss_after)
         values = _gather(scalars)
