@@ -155,7 +155,7 @@ class TorchMagics(Magics):
                                          "or one per group separated by commas (0.001,0.01)")
     @argument("--eval", action="store_true", help="also the loss after the step on the same batch: the cell runs "
                                                   "again without grad, with the same dropout masks; BatchNorm "
-                                                  "statistics are not updated twice")
+                                                  "statistics are not updated twice (with --steps: after the last)")
     @argument("--steps", type=int, default=1, metavar="N", help="take N steps, with a progress bar")
     @argument("--sweep", default=None, metavar="LO:HI", help="try rates from LO to HI, each one step from the same "
                                                            "weights, show the loss after it and suggest a rate; "

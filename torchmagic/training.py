@@ -568,14 +568,18 @@ class StepSession:
         result = None
         losses = []
         bar = progress(range(n))
-        for i in bar:
-            result = self.step(lrs if i == 0 else None, eval_after=eval_after and i == n - 1)
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{result.loss:.4g}")
-            if not result.stepped:
-                result.notes.append(f"stopped at step {i + 1} of {n}")
-                break
-            losses.append(result.loss)
+        try:
+            for i in bar:
+                result = self.step(lrs if i == 0 else None, eval_after=eval_after and i == n - 1)
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{result.loss:.4g}")
+                if not result.stepped:
+                    result.notes.append(f"stopped at step {i + 1} of {n}")
+                    break
+                losses.append(result.loss)
+        finally:
+            if hasattr(bar, "close"):
+                bar.close()
         if len(losses) > 1:
             result.notes.insert(0, f"{len(losses)} steps: loss {losses[0]:.4g} -> {losses[-1]:.4g} (before each step)")
         return result
