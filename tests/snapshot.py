@@ -77,3 +77,21 @@ def diff(before: dict, after: dict) -> list[str]:
         elif not _same(a, b):
             changes.append(key)
     return sorted(changes)
+
+
+def optimizer_snapshot(optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state tensors (identity and values), every param group's settings, and the
+    flag a LR scheduler reads; merge with snapshot(model) and compare with diff()."""
+    index = {id(p): (g, i) for g, group in enumerate(optimizer.param_groups) for i, p in enumerate(group["params"])}
+    state = {}
+    for p, entries in optimizer.state.items():
+        for k, v in entries.items():
+            state[f"{index.get(id(p))}.{k}"] = _tensor(v) if isinstance(v, torch.Tensor) else v
+    return {
+        "opt_state": state,
+        "opt_groups": {g: {k: (_tensor(v) if isinstance(v, torch.Tensor) else v) for k, v in group.items() if k != "params"}
+                       for g, group in enumerate(optimizer.param_groups)},
+        "opt_params": {g: [id(p) for p in group["params"]] for g, group in enumerate(optimizer.param_groups)},
+        "opt_flags": {"opt_called": optimizer.__dict__.get("_opt_called", "missing"),
+                      "hooks": (list(optimizer._optimizer_step_pre_hooks), list(optimizer._optimizer_step_post_hooks))},
+    }

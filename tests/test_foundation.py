@@ -245,7 +245,7 @@ def test_trainstep_interrupt_reaches_user_and_changes_nothing(notes):
     ("%%trainstep net optimizer\nloss = criterion(net(input), y)", "last line must be the loss expression"),
     ("%%trainstep net input\ncriterion(net(input), y)", "not a torch.optim.Optimizer"),
     ("%%trainstep input optimizer\ncriterion(net(input), y)", "not a torch.nn.Module"),
-    ("%%trainstep net optimizer --lr -1\ncriterion(net(input), y)", "not a positive learning rate"),
+    ("%%trainstep net optimizer --lr -1\ncriterion(net(input), y)", "give positive learning rates"),
     ("%%trainstep net\ncriterion(net(input), y)", "%trainstep"),
 ])
 def test_trainstep_mistakes(notes, cell, expected):

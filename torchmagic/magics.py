@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 import collections
 import functools
+import math
+import re
 import sys
 import weakref
 
@@ -16,7 +18,7 @@ from IPython.display import display
 from torch import nn
 from traitlets import Bool, Enum, Int
 
-from . import devices, memory, summary, tracing, training, ui
+from . import devices, finetune, memory, summary, tracing, training, ui
 from .errors import TorchMagicError
 from .inputs import ShapeSpec, build_call
 from .parsing import looks_like_shape, parse_shape, split_line
@@ -49,7 +51,7 @@ class TorchMagics(Magics):
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell=shell, **kwargs)
         self.selected_device: str | None = None
-        self._steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._ledgers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> StepLedger
         self._meter: memory.CellMeter | None = None  # set while %memory is on
         self._memory_history: collections.deque = collections.deque(maxlen=1000)
 
@@ -301,7 +303,16 @@ class TorchMagics(Magics):
     @magic_arguments()
     @argument("model", help="the model being trained")
     @argument("optimizer", help="its optimizer")
-    @argument("--lr", type=float, default=None, help="set this learning rate on every param group first")
+    @argument("--lr", default=None, help="set this learning rate first: one for every param group, "
+                                         "or one per group separated by commas (0.001,0.01)")
+    @argument("--eval", action="store_true", help="also the loss after the step on the same batch: the cell runs "
+                                                  "again without grad, with the same dropout masks; BatchNorm "
+                                                  "statistics are not updated twice (with --steps: after the last)")
+    @argument("--steps", type=int, default=1, metavar="N", help="take N steps, with a progress bar")
+    @argument("--sweep", default=None, metavar="LO:HI", help="try rates from LO to HI, each one step from the same "
+                                                           "weights, show the loss after it and suggest a rate; "
+                                                           "nothing is changed")
+    @argument("--points", type=int, default=None, metavar="K", help="how many rates --sweep tries (default: 3 per decade)")
     @argument("--no-widget", action="store_true", help="text result only, also in a notebook")
     @cell_magic
     @usage_errors
@@ -312,8 +323,9 @@ class TorchMagics(Magics):
             out = net(input)
             criterion(out, y)
 
-        A NaN/inf loss, a bad loss or an error in the cell changes nothing. In a notebook a
-        learning-rate slider and a Step button run the cell again.
+        Shows per parameter the gradient, parameter and update norms and the learning rate. A
+        NaN/inf loss or gradient, a bad loss or an error in the cell changes nothing. In a notebook,
+        a learning-rate slider per param group, Step, Try (preview, then undone) and Undo.
         """
         __tracebackhide__ = True  # noqa: F841
         args = self._parse(self.trainstep, line)
@@ -322,22 +334,45 @@ class TorchMagics(Magics):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TorchMagicError(f"{args.optimizer!r} is a {type(optimizer).__name__}, not a torch.optim.Optimizer: "
                                   f"%%trainstep MODEL OPTIMIZER")
-        if args.lr is not None and not args.lr > 0:
-            raise TorchMagicError(f"--lr {args.lr} is not a positive learning rate, e.g. --lr 0.01")
+        lrs = _parse_rates(args.lr, "--lr", "--lr 0.01") if args.lr is not None else None
+        if args.steps < 1:
+            raise TorchMagicError(f"--steps {args.steps}: give a number of steps of at least 1, e.g. --steps 10")
+        rates = self._sweep_rates(args) if args.sweep is not None else None
         training.check_pair(model, optimizer, args.model, args.optimizer)
-        body = self._loss_body(cell)
+        if lrs is not None and len(lrs) not in (1, len(optimizer.param_groups)):
+            raise TorchMagicError(f"--lr gives {len(lrs)} rates for {len(optimizer.param_groups)} param groups: "
+                                  f"give one, or one per group")
+        body, evaluate = self._loss_body(cell)
+        widget = self.widgets and not args.no_widget and ui.has_widget_frontend(self.shell)
+        ledger = self._ledgers.setdefault(optimizer, training.StepLedger())
+        session = training.StepSession(model, optimizer, body, evaluate, model_name=args.model, ledger=ledger,
+                                       keep_undo=widget)
+        call = functools.partial(_user_call, body.filename)
+        if rates is not None:
+            result = call(session.sweep, rates)
+        elif args.steps > 1:
+            from tqdm.auto import tqdm
 
-        def step(lr):
-            __tracebackhide__ = True  # noqa: F841
-            return self._step(model, optimizer, body, args.model, lr)
+            result = call(session.steps, args.steps, lrs, args.eval, functools.partial(tqdm, desc="%%trainstep"))
+        else:
+            result = call(session.step, lrs, args.eval)
+        return ui.TrainStepPanel(session, self.shell, result, call) if widget else result
 
-        result = step(args.lr)
-        if self.widgets and not args.no_widget and ui.has_widget_frontend(self.shell):
-            return ui.TrainStepPanel(result, step, self.shell)
-        return result
+    def _sweep_rates(self, args) -> list[float]:
+        if args.lr is not None or args.steps != 1 or args.eval:
+            raise TorchMagicError("--sweep takes no --lr, --steps or --eval: it tries every rate from LO to HI itself")
+        lo, hi = _parse_rates(args.sweep, "--sweep", "--sweep 1e-5:1", sep=":")
+        if not lo < hi:
+            raise TorchMagicError(f"--sweep {args.sweep}: LO must be below HI, e.g. --sweep 1e-5:1")
+        points = args.points or max(5, min(25, round(3 * math.log10(hi / lo)) + 1))
+        if not 2 <= points <= 200:
+            raise TorchMagicError(f"--points {points}: give between 2 and 200 rates")
+        return training.sweep_rates(lo, hi, points)
 
     def _loss_body(self, cell: str):
-        """Compile the cell: all but the last statement run, the last expression is the loss."""
+        """Compile the cell: all but the last statement run, the last expression is the loss.
+        Also a second body for --eval / Try / --sweep that runs in a copy of the namespace, so that
+        rerunning the cell does not rebind the user's variables."""
         source = self.shell.transform_cell(cell)
         try:
             tree = ast.parse(source)
@@ -356,25 +391,97 @@ class TorchMagics(Magics):
         ns = self.shell.user_ns
         body = functools.partial(_run_body, head, tail, ns)
         body.filename = filename
-        return body
+        evaluate = functools.partial(_run_body_aside, head, tail, ns)
+        return body, evaluate
 
-    def _step(self, model, optimizer, body, name, lr):
-        __tracebackhide__ = True  # noqa: F841  IPython hides this frame in tracebacks of the user's code
-        number = self._steps.get(optimizer, 0) + 1
-        try:
-            result = training.run_step(model, optimizer, body, model_name=name, step_number=number, lr=lr)
-        except (TorchMagicError, KeyboardInterrupt):
-            raise
-        except Exception as e:
-            raise e.with_traceback(_user_frames(e.__traceback__, body.filename)) from None
-        if result.stepped:
-            self._steps[optimizer] = number
-        return result
+    # ------------------------------------------------------------ %freeze / %unfreeze
+
+    @magic_arguments()
+    @argument("target", help="the model, or one of its submodules (net.conv1, net.layers[0])")
+    @argument("patterns", nargs="*", help="parameter or module names inside it, wildcards allowed "
+                                          "(conv1, 'layer*', '*.bias'); none: everything")
+    @argument("--except", dest="exclude", action="append", default=[], metavar="PATTERN",
+              help="leave these alone (repeatable), e.g. %%freeze net --except fc1")
+    @line_magic
+    @usage_errors
+    def freeze(self, line):
+        """Freeze parameters (requires_grad=False) for fine-tuning; report what is trainable.
+
+            %freeze net.conv1               # a submodule
+            %freeze net conv1 '*.bias'      # names or patterns inside the model
+            %freeze net --except fc1        # everything but the new head
+        """
+        return self._set_trainable(self.freeze, line, trainable=False)
+
+    @magic_arguments()
+    @argument("target", help="the model, or one of its submodules (net.conv1, net.layers[0])")
+    @argument("patterns", nargs="*", help="parameter or module names inside it, wildcards allowed; none: everything")
+    @argument("--except", dest="exclude", action="append", default=[], metavar="PATTERN",
+              help="leave these alone (repeatable)")
+    @line_magic
+    @usage_errors
+    def unfreeze(self, line):
+        """Unfreeze parameters (requires_grad=True); report what is trainable.
+
+            %unfreeze net.fc1
+            %unfreeze net                   # everything
+        """
+        return self._set_trainable(self.unfreeze, line, trainable=True)
+
+    def _set_trainable(self, magic, line, *, trainable):
+        name = magic.__name__
+        if not line.strip():
+            raise TorchMagicError(f"give the model or submodule, e.g. %{name} net.conv1 or %{name} net conv1")
+        args = self._parse(magic, line)
+        model, model_name, prefix = self._model_and_prefix(args.target)
+
+        def scoped(names):  # relative to the submodule given; quotes are optional ('*.bias')
+            return [f"{prefix}.{n}" if prefix else n for n in (n.strip("'\"") for n in names)]
+
+        inside, exclude = scoped(args.patterns) or ([prefix] if prefix else []), scoped(args.exclude)
+        return finetune.set_trainable(model, model_name, inside, trainable=trainable, exclude=exclude)
+
+    def _model_and_prefix(self, expr: str):
+        """`net.conv1` -> (net, "net", "conv1"), so that the report counts the whole model."""
+        module = self._module(expr)
+        root = re.match(r"[A-Za-z_]\w*", expr)
+        if root and root.group() != expr:
+            parent = self.shell.user_ns.get(root.group())
+            if isinstance(parent, nn.Module):
+                for qual, m in parent.named_modules(remove_duplicate=False):
+                    if m is module and qual:
+                        return parent, root.group(), qual
+        return module, expr, ""
+
+
+def _parse_rates(text: str, option: str, example: str, sep: str = ",") -> list[float]:
+    try:
+        values = [float(v) for v in text.split(sep)]
+    except ValueError:
+        values = []
+    if not values or not all(v > 0 and math.isfinite(v) for v in values) or (sep == ":" and len(values) != 2):
+        raise TorchMagicError(f"{option} {text}: give positive learning rates, e.g. {example}")
+    return values
+
+
+def _user_call(filename, fn, *args):
+    """Run a step action; an error from the user's cell keeps only the user's frames."""
+    __tracebackhide__ = True  # noqa: F841
+    try:
+        return fn(*args)
+    except (TorchMagicError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        raise e.with_traceback(_user_frames(e.__traceback__, filename)) from None
 
 
 def _run_body(head, tail, ns):
     exec(head, ns)
     return eval(tail, ns)
+
+
+def _run_body_aside(head, tail, ns):
+    return _run_body(head, tail, dict(ns))
 
 
 def _user_frames(tb, filename):

@@ -51,29 +51,39 @@ def text_table(columns: list[str], rows: list[list[str]], numeric: set[int] = fr
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+def fold(rows: list[list[str]], classes: list[str], limit: int = LONG_TABLE) -> tuple[list[int], int] | None:
+    """For a table longer than `limit`: the rows down to the deepest depth that fits in `limit`
+    (rows marked tm-fail always stay) and that depth; None when no depth is worth folding to.
+    A row's depth is its first cell's indentation, two spaces a level."""
+    if len(rows) <= limit:
+        return None
+    depths = [(len(r[0]) - len(r[0].lstrip(" "))) // 2 if r else 0 for r in rows]
+    shown = max((d for d in sorted(set(depths)) if sum(x <= d for x in depths) <= limit), default=None)
+    if not shown or shown == max(depths):
+        return None
+    return [i for i, d in enumerate(depths) if d <= shown or "tm-fail" in classes[i]], shown
+
+
 def html_table(
     columns: list[str],
     rows: list[list[str]],
     numeric: set[int] = frozenset(),
     row_classes: list[str] | None = None,
 ) -> str:
-    """An HTML table. A long one (models with hundreds of calls) stays short: the rows up to the
-    deepest depth that fits in LONG_TABLE rows, a row count, and every row in a scrolling box
-    behind a <details>. A row's depth is its first cell's indentation, two spaces a level, as in
-    the text table; rows marked tm-fail are always shown."""
+    """An HTML table. A long one (models with hundreds of calls) stays short: the folded rows, a
+    row count, and every row in a scrolling box behind a <details>."""
     classes = row_classes or [""] * len(rows)
     if len(rows) <= LONG_TABLE:
         return _table(columns, rows, numeric, classes)
-    depths = [(len(r[0]) - len(r[0].lstrip(" "))) // 2 if r else 0 for r in rows]
-    shown_depth = max((d for d in sorted(set(depths)) if sum(x <= d for x in depths) <= LONG_TABLE), default=None)
     full = rows[:MAX_HTML_ROWS]
     more = len(rows) - len(full)
     everything = f'<div class="tm-scroll">{_table(columns, full, numeric, classes)}</div>'
     if more:
         everything += f'<div class="tm-count">… {count(more)} more rows not shown; print() the result for all of them</div>'
-    if not shown_depth or shown_depth == max(depths):  # no depth worth folding to: the scrolling box alone
+    folded = fold(rows, classes)
+    if folded is None:  # no depth worth folding to: the scrolling box alone
         return f'<div class="tm-count">{count(len(rows))} rows</div>{everything}'
-    keep = [i for i, d in enumerate(depths) if d <= shown_depth or "tm-fail" in classes[i]]
+    keep, shown_depth = folded
     short = _table(columns, [rows[i] for i in keep], numeric, [classes[i] for i in keep])
     return (f'<div class="tm-count">{count(len(keep))} of {count(len(rows))} rows, up to depth {shown_depth}</div>'
             f"{short}<details><summary>all {count(len(rows))} rows</summary>{everything}</details>")

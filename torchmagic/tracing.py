@@ -20,7 +20,6 @@ from .results import ShapeFailure, ShapeRow, ShapeTrace
 _MAX_ITEMS = 8  # items of a list/tuple/dict shown before "…"
 MODES = ("auto", "real", "fake", "meta")
 REAL_LIMIT = 1_000_000  # auto runs a real forward below this many parameters and input elements (on CPU)
-TABLE_ROWS = 150  # without --depth, a longer trace is shown to the deepest depth that fits
 
 
 def describe(value, depth: int = 0) -> str:
@@ -409,12 +408,6 @@ def trace_shapes(model: nn.Module, values: list, *, name: str, mode: str = "auto
 
 def _result(recorder: Recorder, failure, *, name, mode, why, depth, ops, notes) -> ShapeTrace:
     rows = [r for r in recorder.rows if ops or r.kind == "module"]
-    deepest = max((r.depth for r in rows), default=0)
-    if depth is None and len(rows) > TABLE_ROWS:
-        depth = 0
-        while depth < deepest and sum(1 for r in rows if r.depth <= depth + 1) <= TABLE_ROWS:
-            depth += 1
-        notes.append(f"{len(rows)} calls: showing depth ≤ {depth}; --depth {deepest} shows all")
     hidden = 0
     if depth is not None:
         shown = [r for r in rows if r.depth <= depth or r.status != "ok"]  # a failure stays visible

@@ -1,15 +1,35 @@
-"""One optimizer step as a transaction: it happens completely, or nothing of the user's changes."""
+"""One optimizer step as a transaction, and the learning-rate lab built on it (undo, preview,
+sweep). It happens completely, or nothing of the user's changes. Knows nothing of widgets.
+
+What a step keeps so that it can be undone or rolled back (`Checkpoint`):
+- references to the old `.grad` tensors (a step gives every parameter a new grad tensor, so the
+  old ones are never written to and need no copy);
+- copies of buffers (BatchNorm running stats), train/eval modes, the RNG states, every param
+  group's settings (lr, ...);
+- copies of the parameters that the optimizer is about to change and of their optimizer state,
+  made by an optimizer step pre-hook, so only when a step really happens (also one the cell makes
+  itself), after backward has freed the activations, and only for parameters with a gradient
+  (frozen layers cost nothing).
+"""
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
-from typing import Callable
+import signal
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 from .errors import TorchMagicError
-from .guard import BufferState, RngState
-from .results import StepResult
+from .guard import RngState
+from .results import ParamStep, StepResult, SweepPoint, SweepResult, UndoResult
+
+_MISSING = object()
 
 
 def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -29,11 +49,11 @@ def check_loss(loss) -> torch.Tensor:
     if isinstance(loss, torch.Tensor):
         if loss.numel() != 1:
             raise TorchMagicError(f"the loss has shape {list(loss.shape)}, not a single number: reduce it, e.g. end with loss.mean()")
+        if not loss.is_floating_point() and not loss.is_complex():
+            raise TorchMagicError(f"the loss is an integer tensor ({loss.dtype}); {end}")
         if not loss.requires_grad:
             raise TorchMagicError("the loss does not require grad: it was computed under torch.no_grad(), detached, "
                                   "or from frozen parameters only; compute it from the model's output with grad enabled")
-        if not loss.is_floating_point() and not loss.is_complex():
-            raise TorchMagicError(f"the loss is an integer tensor ({loss.dtype}); {end}")
         return loss
     if loss is None:
         raise TorchMagicError(f"the cell's last expression gave None; {end}")
@@ -43,68 +63,648 @@ def check_loss(loss) -> torch.Tensor:
     raise TorchMagicError(f"the cell's last expression is a {type(loss).__name__}, not a loss tensor; {end}")
 
 
-class _Saved:
-    """What a failed step must put back: grads, buffers, learning rates, RNG."""
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Ctrl-C waits until the block is done, then reaches the user: a restore is never left half done."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            raise KeyboardInterrupt
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
-        params = {id(p): p for p in list(model.parameters()) + optimizer_params(optimizer)}.values()
-        self.grads = [(p, p.grad) for p in params]
-        self.buffers = BufferState(model)
-        self.lrs = [g.get("lr") for g in optimizer.param_groups]
-        self.optimizer = optimizer
-        self.rng = RngState()
+
+# ---------------------------------------------------------------- checkpoints
+
+
+class ParamBackup:
+    """Copies of some parameters and of their optimizer state; restore() is bit-exact and keeps
+    the identity of every tensor and state dict (aliases the user holds stay valid).
+
+    `recycle`: an older backup whose copies are overwritten instead of allocating new ones (on a
+    CPU, fresh large allocations cost page faults on every step, more than the copy itself)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], recycle: ParamBackup | None = None):
+        pool = recycle.pool() if recycle is not None else {}
+        state = optimizer.state
+        self.params = params
+        self.state = []
+        sources = list(params)  # the tensors themselves: the pool knows them by identity
+        for p in params:
+            if p not in state:  # `in` does not create the defaultdict's entry
+                self.state.append((p, None, {}))
+                continue
+            entries = state[p]
+            self.state.append((p, entries, {k: v for k, v in entries.items() if not isinstance(v, torch.Tensor)}))
+            sources += [v for v in entries.values() if isinstance(v, torch.Tensor)]
+        copies = _copies(sources, pool)
+        self.values, rest = copies[:len(params)], iter(copies[len(params):])
+        self.saved = []  # per param: {key: (original, copy)} for tensors, {key: deep copy} for the rest
+        for p, entries, plain in self.state:
+            tensors = {k: (v, next(rest)) for k, v in entries.items() if isinstance(v, torch.Tensor)} if entries else {}
+            self.saved.append((tensors, copy.deepcopy(plain)))
+        self.state_dict = state
+
+    def pool(self) -> dict[int, torch.Tensor]:
+        """The copies, by the identity of what they copy."""
+        out = {id(p): v for p, v in zip(self.params, self.values)}
+        for tensors, _ in self.saved:
+            out.update({id(original): value for original, value in tensors.values()})
+        return out
 
     def restore(self):
-        for p, g in self.grads:
-            p.grad = g
-        self.buffers.restore()
-        self.rng.restore()
-        for g, lr in zip(self.optimizer.param_groups, self.lrs):
-            if lr is not None:
-                g["lr"] = lr
+        with torch.no_grad():
+            if self.params:
+                torch._foreach_copy_([p.detach() for p in self.params], self.values)
+            state = self.state_dict
+            for (p, entries, _), (tensors, plain) in zip(self.state, self.saved):
+                if entries is None:
+                    state.pop(p, None)
+                    continue
+                entries.clear()
+                for k, (original, value) in tensors.items():
+                    original.copy_(value)
+                    entries[k] = original
+                entries.update(copy.deepcopy(plain))
+                state[p] = entries
+
+    def versions(self) -> list[int]:
+        return [p._version for p in self.params]
 
 
-def _nonfinite_grads(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    names = {id(p): n for n, p in model.named_parameters()}
-    return [names.get(id(p), "(unnamed)") for p in optimizer_params(optimizer)
+def _copies(sources: list[torch.Tensor], pool: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+    """A copy of each tensor, into the pool's buffer for it where one fits (one foreach copy)."""
+    out, dst, src = [], [], []
+    with torch.no_grad():
+        for t in sources:
+            buf = pool.get(id(t))
+            if buf is not None and buf.shape == t.shape and buf.dtype == t.dtype and buf.device == t.device \
+                    and buf.layout == t.layout == torch.strided:
+                dst.append(buf)
+                src.append(t)
+                out.append(buf)
+            else:
+                out.append(t.clone())
+        if dst:
+            torch._foreach_copy_(dst, src)
+    return out
+
+
+class Buffers:
+    """Each buffer's slot and a copy of its values (modules held weakly: a kept undo point does not
+    keep a deleted model alive)."""
+
+    def __init__(self, model: nn.Module):
+        with torch.no_grad():
+            self.saved = [(weakref.ref(m), name, buf, None if buf is None or buf.device.type == "meta" else buf.clone())
+                          for m in model.modules() for name, buf in m._buffers.items()]
+
+    def restore(self):
+        with torch.no_grad():
+            for ref, name, buf, value in self.saved:
+                m = ref()
+                if m is None:
+                    continue
+                m._buffers[name] = buf
+                if value is not None:
+                    buf.copy_(value)
+
+
+class Checkpoint:
+    """Everything a step can change (see the module docstring). `backup` is filled by the step
+    pre-hook of `Transaction`, right before the optimizer first changes anything."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.params = list(model.parameters())  # each once, tied ones too
+        seen = {id(p) for p in self.params}
+        self.grads = [(p, p.grad) for p in self.params + [p for p in optimizer_params(optimizer) if id(p) not in seen]]
+        self.modes = [(weakref.ref(m), m.training) for m in model.modules()]
+        self.buffers = Buffers(model)
+        self.rng = RngState()
+        self.groups = [(g, {k: _copy_setting(v) for k, v in g.items() if k != "params"}) for g in optimizer.param_groups]
+        self.optimizer = weakref.ref(optimizer)
+        self.opt_called = optimizer.__dict__.get("_opt_called", _MISSING)
+        self.backup: ParamBackup | None = None
+
+    def restore(self):
+        with interrupts_deferred():
+            if self.backup is not None:
+                self.backup.restore()
+            for p, g in self.grads:
+                p.grad = g
+            for ref, training in self.modes:
+                m = ref()
+                if m is not None:
+                    m.training = training
+            self.buffers.restore()
+            self.rng.restore()
+            for g, settings in self.groups:
+                for k in [k for k in g if k != "params" and k not in settings]:
+                    del g[k]  # e.g. an `initial_lr` a scheduler left behind
+                for k, v in settings.items():
+                    _set_setting(g, k, v)
+            optimizer = self.optimizer()
+            if optimizer is not None:
+                if self.opt_called is _MISSING:
+                    optimizer.__dict__.pop("_opt_called", None)
+                else:
+                    optimizer._opt_called = self.opt_called
+
+
+def _copy_setting(v):
+    return v.clone() if isinstance(v, torch.Tensor) else copy.copy(v)
+
+
+def _set_setting(group: dict, key: str, value):
+    """A tensor setting (lr as a tensor, for capturable/fused optimizers) keeps its tensor."""
+    current = group.get(key)
+    if isinstance(current, torch.Tensor) and isinstance(value, (torch.Tensor, float, int)) and current.numel() == 1:
+        with torch.no_grad():
+            current.fill_(value.item() if isinstance(value, torch.Tensor) else value)
+    else:
+        group[key] = value
+
+
+def group_lrs(optimizer: torch.optim.Optimizer) -> list[float]:
+    return [float(g["lr"]) for g in optimizer.param_groups]
+
+
+def set_lrs(optimizer: torch.optim.Optimizer, lrs: list[float] | None):
+    """Only the `lr` key is written: no `initial_lr` or other scheduler residue."""
+    if lrs is None:
+        return
+    if len(lrs) == 1 and len(optimizer.param_groups) > 1:
+        lrs = lrs * len(optimizer.param_groups)
+    if len(lrs) != len(optimizer.param_groups):
+        raise TorchMagicError(f"{len(lrs)} learning rates for {len(optimizer.param_groups)} param groups: "
+                              f"give one (for every group) or one per group, e.g. --lr 0.001,0.01")
+    for g, lr in zip(optimizer.param_groups, lrs):
+        _set_setting(g, "lr", float(lr))
+
+
+# ---------------------------------------------------------------- the transaction
+
+
+def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One 0-d norm per tensor with foreach kernels; half precision is reduced in float32."""
+    if not tensors:
+        return []
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    low = [i for i, t in enumerate(tensors) if t.dtype in (torch.float16, torch.bfloat16)]
+    rest = [i for i, t in enumerate(tensors) if t.dtype not in (torch.float16, torch.bfloat16)]
+    for idx, kw in ((low, {"dtype": torch.float32}), (rest, {})):
+        if idx:
+            for i, n in zip(idx, torch._foreach_norm([tensors[i] for i in idx], 2, **kw)):
+                out[i] = n
+    return out
+
+
+def _gather(scalars: list[torch.Tensor]) -> list[float]:
+    """All 0-d results to Python floats in one host transfer per device (one sync on a GPU)."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, s in enumerate(scalars):
+        by_device.setdefault(s.device, []).append(i)
+    out = [0.0] * len(scalars)
+    for idx in by_device.values():
+        values = torch.stack([scalars[i] for i in idx]).tolist()  # stack promotes mixed dtypes
+        for i, v in zip(idx, values):
+            out[i] = v
+    return out
+
+
+def _update_norms(params: list[torch.Tensor], before: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(|after - before|, |before|) per tensor without a full-size temporary: on a CPU in slices
+    small enough to stay in cache while both norms are taken (this pass is memory-bound),
+    elsewhere in foreach batches of at most 256 MB."""
+    updates: list[torch.Tensor] = []
+    with torch.no_grad():
+        if all(p.device.type == "cpu" for p in params):
+            olds = []
+            for p, b in zip(params, before):
+                a, b = p.detach().reshape(-1), b.reshape(-1)
+                pairs = [(torch.linalg.vector_norm(x - y), torch.linalg.vector_norm(y))
+                         for x, y in zip(a.split(1 << 18), b.split(1 << 18))]  # 1 MB of float32
+                if len(pairs) == 1:
+                    updates.append(pairs[0][0])
+                    olds.append(pairs[0][1])
+                else:
+                    updates.append(torch.linalg.vector_norm(torch.stack([u for u, _ in pairs])))
+                    olds.append(torch.linalg.vector_norm(torch.stack([o for _, o in pairs])))
+            return updates, olds
+        start, limit = 0, 256 * 2**20
+        while start < len(params):
+            end, size = start, 0
+            while end < len(params) and (end == start or size + params[end].nbytes <= limit):
+                size += params[end].nbytes
+                end += 1
+            updates += _norms(torch._foreach_sub([p.detach() for p in params[start:end]], before[start:end]))
+            start = end
+    return updates, _norms(before)
+
+
+@dataclass
+class Outcome:
+    """What run_step hands back besides the result: the undo point of a step that happened."""
+
+    result: StepResult
+    checkpoint: Checkpoint | None
+
+
+class Transaction:
+    """zero_grad, body() -> loss, backward, step, as one unit. See run_step."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, model_name: str,
+                 recycle: ParamBackup | None = None, on_recycle: Callable[[], None] | None = None):
+        self.model, self.optimizer, self.model_name = model, optimizer, model_name
+        self.checkpoint = Checkpoint(model, optimizer)
+        self.cell_steps = 0
+        self.ours = False
+        self.recycle, self.on_recycle = recycle, on_recycle
+
+    def _before_step(self, optimizer, args, kwargs):
+        if not self.ours:
+            self.cell_steps += 1
+        if self.checkpoint.backup is None:
+            params = [p for p in optimizer_params(optimizer) if p.grad is not None]
+            if self.recycle is not None and self.on_recycle is not None:
+                self.on_recycle()  # whatever still counted on the recycled copies must stop now
+            self.checkpoint.backup = ParamBackup(optimizer, params, self.recycle)
+
+    def forward_backward(self, body: Callable[[], object]) -> tuple[torch.Tensor, list[str]]:
+        notes = []
+        for p, _ in self.checkpoint.grads:
+            p.grad = None
+        loss = check_loss(body())
+        if any(p.grad is not None for p, _ in self.checkpoint.grads):
+            notes.append("the cell computed the gradients itself (backward): %%trainstep used them")
+        else:
+            loss.backward()
+        return loss, notes
+
+    def step(self):
+        if self.cell_steps:
+            return
+        if not any(p.grad is not None for p in optimizer_params(self.optimizer)):
+            raise TorchMagicError(f"backward gave no gradient to the optimizer's parameters: are they all frozen, "
+                                  f"or is the loss computed from another model than {self.model_name}?")
+        self.ours = True
+        try:
+            self.optimizer.step()
+        finally:
+            self.ours = False
+
+    @contextlib.contextmanager
+    def watching(self):
+        handle = self.optimizer.register_step_pre_hook(self._before_step)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
+def _evaluate_after(evaluate: Callable[[], object], rng_before: RngState, model: nn.Module) -> torch.Tensor:
+    """The loss after the step on the same batch: the body again, without grad, in the same
+    train/eval modes, with the RNG as it was before the body (the same dropout masks), and with
+    buffers and the RNG put back afterwards (BatchNorm statistics are not updated twice)."""
+    rng_after, buffers = RngState(), Buffers(model)
+    rng_before.restore()
+    try:
+        with torch.no_grad():
+            loss = evaluate()
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise TorchMagicError("the cell gave no single-number loss when run again for --eval")
+        return loss.detach().reshape(())
+    finally:
+        buffers.restore()
+        rng_after.restore()
+
+
+def _param_names(model: nn.Module) -> dict[int, str]:
+    names = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), n)
+    return names
+
+
+def _nonfinite_grads(params: list[torch.Tensor], names: dict[int, str]) -> list[str]:
+    return [names.get(id(p), "(a parameter outside the model)") for p in params
             if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
 
 
 def run_step(model: nn.Module, optimizer: torch.optim.Optimizer, body: Callable[[], object], *,
-             model_name: str, step_number: int, lr: float | None = None) -> StepResult:
-    """zero_grad, body() -> loss, backward, step. On any failure the model, its grads and buffers,
-    the optimizer and the RNG are as before, and the error propagates (user errors unchanged)."""
-    saved = _Saved(model, optimizer)
+             model_name: str, step_number: int, lrs: list[float] | None = None,
+             evaluate: Callable[[], object] | None = None,
+             recycle: ParamBackup | None = None, on_recycle: Callable[[], None] | None = None) -> Outcome:
+    """zero_grad, body() -> loss, backward, step, then per-parameter statistics.
+
+    On any failure (an exception in the body, backward, the step or --eval, Ctrl-C) everything
+    is put back: parameters, optimizer state, grads, buffers, modes, RNG, learning rates; the
+    error propagates unchanged. A non-finite loss or gradient also puts everything back (grads
+    included: the step leaves nothing behind, as promised) and returns a result saying which
+    parameters had non-finite gradients.
+
+    On a GPU all numbers reach the host in one transfer (one sync), and a non-finite gradient is
+    found after the step, which is then rolled back. On a CPU, where a transfer costs nothing, the
+    gradients are checked before the step, so a skipped step never touches the optimizer."""
+    tx = Transaction(model, optimizer, model_name, recycle, on_recycle)
+    ck = tx.checkpoint
+    names = _param_names(model)
+    checked = False
+    early_norms = None
     try:
-        if lr is not None:
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-        for p, _ in saved.grads:
-            p.grad = None
-        loss = check_loss(body())
-        loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            raise _Skip(f"the loss is {loss_value}: no step taken, nothing changed")
-        loss.backward()
-        grads = [p.grad for p in optimizer_params(optimizer) if p.grad is not None]
-        if not grads:
-            raise TorchMagicError(f"backward gave no gradient to the optimizer's parameters: are they all frozen, "
-                                  f"or is the loss computed from another model than {model_name}?")
-        grad_norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
-        if not math.isfinite(grad_norm):
-            bad = ", ".join(_nonfinite_grads(model, optimizer)[:8])
-            raise _Skip(f"non-finite gradients in {bad}: no step taken, nothing changed")
-        optimizer.step()
-    except _Skip as skip:
-        saved.restore()
-        return StepResult(model=model_name, loss=loss_value, grad_norm=float("nan"),
-                          lrs=[g["lr"] for g in optimizer.param_groups], step=step_number - 1, skipped=str(skip))
+        set_lrs(optimizer, lrs)
+        with tx.watching():
+            loss, notes = tx.forward_backward(body)
+            if not tx.cell_steps:
+                grads_now = [p for p in optimizer_params(optimizer) if p.grad is not None]
+                if all(p.device.type == "cpu" for p in grads_now):
+                    early_norms = _norms([p.grad for p in grads_now])
+                    early = _gather([loss.detach().reshape(()).real] + early_norms)
+                    skipped = _skip_reason(early[0], grads_now, names, notes) if not _finite(early) else ""
+                    if skipped:
+                        ck.restore()
+                        return Outcome(_skipped(model_name, early[0], optimizer, step_number, skipped, notes), None)
+                    checked = True
+                tx.step()
+        if tx.cell_steps:
+            notes.append(f"the cell called optimizer.step() itself ({tx.cell_steps}x): %%trainstep did not step again")
+        backup = ck.backup
+        params = backup.params if backup else []
+        loss_after = _evaluate_after(evaluate, ck.rng, model).real if evaluate is not None else None
+        if early_norms is not None and [id(p) for p in grads_now] == [id(p) for p in params]:
+            grad_norms = early_norms
+        else:
+            grad_norms = _norms([p.grad if p.grad is not None else torch.zeros((), device=p.device) for p in params])
+        updates, before = _update_norms(params, backup.values) if backup else ([], [])
+        scalars = [loss.detach().reshape(()).real] + grad_norms + before + updates
+        if loss_after is not None:
+            scalars.append(loss_after)
+        values = _gather(scalars)
+        n = len(params)
+        loss_value, gn, pn, un = values[0], values[1:1 + n], values[1 + n:1 + 2 * n], values[1 + 2 * n:1 + 3 * n]
+        loss_after = values[-1] if loss_after is not None else None
+        if not checked and not _finite([loss_value] + gn):
+            skipped = _skip_reason(loss_value, params, names, notes)
+            if skipped:
+                ck.restore()
+                return Outcome(_skipped(model_name, loss_value, optimizer, step_number, skipped, notes), None)
     except BaseException:
-        saved.restore()
+        ck.restore()
         raise
-    return StepResult(model=model_name, loss=loss_value, grad_norm=grad_norm,
-                      lrs=[g["lr"] for g in optimizer.param_groups], step=step_number)
+    order = {name: i for i, name in enumerate(names.values())}
+    group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+    lr_now = group_lrs(optimizer)
+    rows = [ParamStep(name=names.get(id(p), f"(outside {model_name})"), shape=list(p.shape),
+                      group=group_of.get(id(p), 0), lr=lr_now[group_of.get(id(p), 0)],
+                      grad_norm=gn[i], param_norm=pn[i], update_norm=un[i]) for i, p in enumerate(params)]
+    rows.sort(key=lambda r: order.get(r.name, len(order)))
+    frozen = sum(1 for p in ck.params if not p.requires_grad)
+    if frozen:
+        notes.append(f"{frozen} frozen parameter tensors (requires_grad=False) not shown")
+    result = StepResult(model=model_name, loss=loss_value, grad_norm=_total(gn), lrs=lr_now, step=step_number,
+                        notes=notes, params=rows, param_norm=_total(pn), update_norm=_total(un), loss_after=loss_after)
+    return Outcome(result, ck)
 
 
-class _Skip(Exception):
-    pass
+def _finite(values: list[float]) -> bool:
+    return all(math.isfinite(v) for v in values)
+
+
+def _skip_reason(loss_value: float, params: list[torch.Tensor], names: dict[int, str], notes: list[str]) -> str:
+    """Why the step is skipped; "" when only our float32 norm overflowed (the gradients are finite)."""
+    if not math.isfinite(loss_value):
+        return f"the loss is {loss_value}: no step taken, nothing changed"
+    bad = _nonfinite_grads(params, names)
+    if not bad:
+        notes.append("some gradient norms overflow float32 (gradients above about 1e19)")
+        return ""
+    shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+    return f"non-finite gradients in {shown}: no step taken, nothing changed"
+
+
+def _skipped(model_name, loss_value, optimizer, step_number, skipped, notes) -> StepResult:
+    return StepResult(model=model_name, loss=loss_value, grad_norm=float("nan"), lrs=group_lrs(optimizer),
+                      step=step_number - 1, skipped=skipped, notes=notes)
+
+
+def _total(norms: Iterable[float]) -> float:
+    return math.sqrt(sum(v * v for v in norms))
+
+
+# ---------------------------------------------------------------- the lab: history, undo, preview, sweep
+
+
+@dataclass
+class StepLedger:
+    """Per optimizer, for this session: the step count, the loss/lr history, and the undo point
+    of the last step (kept only where something can undo it: the notebook panel)."""
+
+    count: int = 0
+    history: list[tuple[int, float, float]] = field(default_factory=list)  # (step, loss before, lr of group 0)
+    undo: Checkpoint | None = None
+    spare: ParamBackup | None = None  # the last step's copies, overwritten by the next step
+    undo_versions: list[int] = field(default_factory=list)
+    undo_loss: float = float("nan")
+
+
+class StepSession:
+    """The model, optimizer and cell of one %%trainstep, and what can be done with them."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, body: Callable[[], object],
+                 evaluate: Callable[[], object], *, model_name: str, ledger: StepLedger, keep_undo: bool = False):
+        self.model, self.optimizer, self.body, self.evaluate = model, optimizer, body, evaluate
+        self.model_name, self.ledger, self.keep_undo = model_name, ledger, keep_undo
+
+    @property
+    def lrs(self) -> list[float]:
+        return group_lrs(self.optimizer)
+
+    @property
+    def group_names(self) -> list[str]:
+        return [str(g.get("name", i)) for i, g in enumerate(self.optimizer.param_groups)]
+
+    def step(self, lrs: list[float] | None = None, eval_after: bool = False) -> StepResult:
+        ledger = self.ledger
+        spare, ledger.spare = ledger.spare, None
+        recycled = []
+
+        def on_recycle():  # the spare copies are about to be overwritten: an undo point using them is gone
+            recycled.append(True)
+            if ledger.undo is not None and ledger.undo.backup is spare:
+                ledger.undo = None
+
+        try:
+            outcome = run_step(self.model, self.optimizer, self.body, model_name=self.model_name,
+                               step_number=ledger.count + 1, lrs=lrs, evaluate=self.evaluate if eval_after else None,
+                               recycle=spare, on_recycle=on_recycle)
+        finally:
+            if not recycled:
+                ledger.spare = spare
+        result = outcome.result
+        if not result.stepped:
+            return result
+        with interrupts_deferred():
+            ledger.count = result.step
+            ledger.history.append((result.step, result.loss, result.lrs[0]))
+            ck = outcome.checkpoint
+            backup = ck.backup
+            ledger.undo = ck if self.keep_undo else None
+            ledger.undo_loss = result.loss
+            ledger.undo_versions = backup.versions() if self.keep_undo and backup else []
+            # Kept for the next step to copy into: on a CPU that saves page faults; on a GPU the
+            # caching allocator makes fresh copies cheap, so memory is only held for an undo point.
+            on_cpu = backup is not None and all(p.device.type == "cpu" for p in backup.params)
+            ledger.spare = backup if backup is not None and (self.keep_undo or on_cpu) else None
+        return result
+
+    def steps(self, n: int, lrs: list[float] | None = None, eval_after: bool = False,
+              progress: Callable[[Iterable[int]], Iterable[int]] = iter) -> StepResult:
+        """n steps; stops at the first one that is skipped. Ctrl-C keeps the steps done so far."""
+        result = None
+        losses = []
+        bar = progress(range(n))
+        try:
+            for i in bar:
+                result = self.step(lrs if i == 0 else None, eval_after=eval_after and i == n - 1)
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{result.loss:.4g}")
+                if not result.stepped:
+                    result.notes.append(f"stopped at step {i + 1} of {n}")
+                    break
+                losses.append(result.loss)
+        finally:
+            if hasattr(bar, "close"):
+                bar.close()
+        if len(losses) > 1:
+            result.notes.insert(0, f"{len(losses)} steps: loss {losses[0]:.4g} -> {losses[-1]:.4g} (before each step)")
+        return result
+
+    def undo(self) -> UndoResult:
+        ledger = self.ledger
+        ck = ledger.undo
+        if ck is None:
+            raise TorchMagicError("nothing to undo: undo goes back one step, the last one taken with Step or this cell")
+        if ck.backup is not None and ck.backup.versions() != ledger.undo_versions:
+            raise TorchMagicError(f"{self.model_name}'s parameters changed after the last step (outside %%trainstep): "
+                                  f"undo would discard that, so nothing was restored")
+        if ck.backup is not None and ck.backup.state_dict is not self.optimizer.state:
+            raise TorchMagicError("the optimizer's state was replaced (load_state_dict) after the last step: "
+                                  "nothing was restored")
+        with interrupts_deferred():
+            ck.restore()
+            undone = ledger.count
+            ledger.count -= 1
+            if ledger.history and ledger.history[-1][0] == undone:
+                ledger.history.pop()
+            ledger.undo = None
+        return UndoResult(model=self.model_name, step=undone, loss=ledger.undo_loss, lrs=self.lrs)
+
+    def preview(self, lrs: list[float] | None = None) -> StepResult:
+        """One step at these rates with the loss after it on the same batch, then everything put back."""
+        with self._undo_kept():
+            outcome = run_step(self.model, self.optimizer, self.body, model_name=self.model_name,
+                               step_number=self.ledger.count + 1, lrs=lrs, evaluate=self.evaluate)
+            if outcome.checkpoint is not None:
+                outcome.checkpoint.restore()
+        outcome.result.preview = True
+        return outcome.result
+
+    def sweep(self, rates: list[float]) -> SweepResult:
+        with self._undo_kept():
+            return lr_sweep(self.model, self.optimizer, self.body, self.evaluate, rates, model_name=self.model_name)
+
+    @contextlib.contextmanager
+    def _undo_kept(self):
+        """A preview or sweep writes the parameters and puts them back, which bumps their version
+        counters: the undo point stays valid if it was valid before."""
+        ledger = self.ledger
+        valid = ledger.undo is not None and ledger.undo.backup is not None and \
+            ledger.undo.backup.versions() == ledger.undo_versions
+        try:
+            yield
+        finally:
+            if valid:
+                ledger.undo_versions = ledger.undo.backup.versions()
+
+
+def sweep_rates(lo: float, hi: float, points: int) -> list[float]:
+    if points < 2:
+        return [lo]
+    return [lo * (hi / lo) ** (i / (points - 1)) for i in range(points)]
+
+
+def lr_sweep(model: nn.Module, optimizer: torch.optim.Optimizer, body: Callable[[], object],
+             evaluate: Callable[[], object], rates: list[float], *, model_name: str) -> SweepResult:
+    """One forward/backward, then for each rate: one step from the same starting weights and the
+    loss after it on the same batch. Everything is put back afterwards, bit-exactly."""
+    tx = Transaction(model, optimizer, model_name)
+    ck = tx.checkpoint
+    base = group_lrs(optimizer)
+    ratios = [lr / base[0] if base[0] else 1.0 for lr in base]
+    fresh = not any(optimizer.state.get(p) for p in optimizer_params(optimizer))
+    try:
+        with tx.watching():
+            loss, _ = tx.forward_backward(body)
+            if tx.cell_steps:
+                raise TorchMagicError("the cell calls optimizer.step() itself: for --sweep the cell must only compute "
+                                      "the loss (%%trainstep steps)")
+            grads = [(p, p.grad.detach().clone()) for p in optimizer_params(optimizer) if p.grad is not None]
+            after_body = Buffers(model)
+            losses = []
+            for i, rate in enumerate(rates):
+                if ck.backup is not None:
+                    ck.backup.restore()
+                    with torch.no_grad():
+                        torch._foreach_copy_([p.grad for p, _ in grads], [g for _, g in grads])
+                    after_body.restore()
+                set_lrs(optimizer, [rate * r for r in ratios])
+                tx.step()
+                losses.append(_evaluate_after(evaluate, ck.rng, model).real)
+        values = _gather([loss.detach().reshape(()).real] + losses)
+    finally:
+        ck.restore()
+    loss_before, after = values[0], values[1:]
+    suggestion, reason = suggest_rate(rates, after, loss_before)
+    notes = ["one step on one batch shows how far this batch's loss falls along this update; it cannot see "
+             "the noise between batches or what happens over many steps: start at or below the suggestion"]
+    if fresh and "adam" in type(optimizer).__name__.lower():
+        notes.append(f"{type(optimizer).__name__}'s first step from empty state moves every weight by about lr "
+                     f"(the sign of its gradient); later steps are smaller, so later rates can be higher")
+    if len(base) > 1:
+        notes.append("rates are for param group 0; the other groups keep their ratio to it ("
+                     + ", ".join(f"{r:.3g}x" for r in ratios[1:]) + ")")
+    return SweepResult(model=model_name, loss_before=loss_before,
+                       points=[SweepPoint(rate, value) for rate, value in zip(rates, after)],
+                       suggestion=suggestion, reason=reason, notes=notes)
+
+
+def suggest_rate(rates: list[float], losses: list[float], loss_before: float) -> tuple[float | None, str]:
+    """Where the loss after one step falls fastest against log(rate), below the rate with the
+    lowest one-step loss (fastai's "steep" rule applied to this curve). For a locally quadratic
+    loss L(lr) = L0 - a*lr + b*lr^2 the steepest point in log(lr) is lr*/2, half the greedy best
+    rate and a quarter of the rate where the loss starts rising: a margin for other batches."""
+    finite = [i for i, v in enumerate(losses) if math.isfinite(v)]
+    if not finite:
+        return None, "every rate gave a non-finite loss: try much lower rates"
+    best = min(finite, key=lambda i: losses[i])
+    if losses[best] >= loss_before:
+        return None, (f"no rate from {rates[0]:.2g} to {rates[-1]:.2g} lowered this batch's loss in one step: "
+                      f"try lower rates, or check the loss and gradients")
+    if best == len(rates) - 1:
+        return None, (f"the loss still falls at the highest rate tried ({rates[-1]:.2g}): "
+                      f"extend the range upward, e.g. --sweep {rates[0]:.0e}:{rates[-1] * 100:.0e}")
+    if best == 0:
+        return None, (f"the lowest rate tried ({rates[0]:.2g}) was best: extend the range downward, "
+                      f"e.g. --sweep {rates[0] / 100:.0e}:{rates[-1]:.0e}")
+    slopes = [((losses[j + 1] - losses[j]) / math.log(rates[j + 1] / rates[j]), j) for j in range(best)
+              if math.isfinite(losses[j])]
+    _, j = min(slopes)
+    rate = math.sqrt(rates[j] * rates[j + 1])
+    return rate, (f"the loss after one step falls fastest around {rate:.2g}, below the rate with the lowest loss "
+                  f"({rates[best]:.2g}, loss {losses[best]:.4g}); for a locally quadratic loss that is half the "
+                  f"best one-step rate, a margin before rates that overshoot")
