@@ -5,7 +5,7 @@ widgets over a real kernel's wire protocol (Output capture, slider, Step button)
 from __future__ import annotations
 
 import json
-import linecache
+import os
 import queue
 import re
 import sys
@@ -105,7 +105,9 @@ class Kernel:
             "display_name": "torchmagic test", "language": "python"}))
         ksm = KernelSpecManager(kernel_dirs=[str(spec.parent)], ensure_native_kernel=False)
         self.km = KernelManager(kernel_name="torchmagic-test", kernel_spec_manager=ksm)
-        self.km.start_kernel(cwd=str(_repo_root()))
+        # Its own IPython profile: no startup file or history database of this machine is shared.
+        env = {**os.environ, "IPYTHONDIR": str(tmp_path / "ipython"), "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
+        self.km.start_kernel(cwd=str(_repo_root()), env=env)
         self.kc = self.km.client()
         self.kc.start_channels()
         self.kc.wait_for_ready(timeout=120)
@@ -177,7 +179,9 @@ def test_kernel_help_usage_error_and_html_result(kernel):
     assert not [m for m in msgs if m["msg_type"] == "error"]
 
     _, msgs = kernel.execute("%shapes net 1,1,32,32")
-    [result] = [m["content"]["data"] for m in msgs if m["msg_type"] == "execute_result"]
+    results = [m["content"]["data"] for m in msgs if m["msg_type"] == "execute_result"]
+    assert len(results) == 1, [(m["msg_type"], m["content"]) for m in msgs]
+    result = results[0]
     assert "<table>" in result["text/html"] and "[1, 6, 30, 30]" in result["text/plain"]
 
 
