@@ -69,8 +69,8 @@ def test_results_display_as_text_and_html_and_semicolon_silences(notes, capsys):
 
 
 def test_trainstep_traceback_starts_in_the_users_cell(notes, capsys):
-    """The user's error shows their cell under its own prompt number (IPython 7.34 counts the
-    running cell differently from IPython 9) and none of torchmagic's frames."""
+    """The user's error shows their cell under its own prompt number (IPython 7.34 and 8 count the
+    running cell after running it, recent IPython 9 before) and none of torchmagic's frames."""
     result = notes.ip.run_cell("%%trainstep net optimizer\nout = net(input)\ncriterion(out.view(3, 3), y)\n",
                                store_history=True)
     err = result.error_in_exec
