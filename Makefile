@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0+cpu
 BIN := $(VENV)/bin
 
-.PHONY: demo test unit clean frontend frontend-kernel frontend-terminal frontend-browser screenshots gpu-wheels gpu-wheels-check
+.PHONY: demo test unit compat wheel clean frontend frontend-kernel frontend-terminal frontend-browser screenshots gpu-wheels gpu-wheels-check
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ demo: $(BIN)/.installed
 	$(BIN)/ipython --simple-prompt --no-banner --no-confirm-exit --colors=nocolor < examples/pytorch_basics.ipy
 
 # Everything CI runs.
-test: unit frontend-kernel frontend-terminal frontend-browser
+test: unit frontend-kernel frontend-terminal frontend-browser compat wheel
 
 unit: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests --ignore=tests/frontend
@@ -51,8 +51,42 @@ frontend-browser: $(BIN)/.frontend-installed
 screenshots: $(BIN)/.frontend-installed
 	TORCHMAGIC_UPDATE_SCREENSHOTS=1 $(FRONTEND_PYTEST) tests/frontend/test_browser.py
 
+# The oldest supported stack, as on Google Colab: Python 3.11, IPython 7.34.0, ipywidgets 7.7.1 and
+# every other declared lower bound (.ci/minimums.py reads them from pyproject.toml), plus Colab's
+# ipykernel. The shell-level tests run a second time there; the browser tier does not.
+COMPAT_PYTHON ?= python3.11
+COMPAT_VENV ?= .venv-compat
+COMPAT_EXTRA ?= ipykernel==6.17.1
+CBIN := $(COMPAT_VENV)/bin
+
+$(CBIN)/.installed: pyproject.toml .ci/minimums.py
+	rm -rf $(COMPAT_VENV)
+	$(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
+	$(CBIN)/python -m pip install -q --disable-pip-version-check --no-compile "$(TORCH)"
+	$(CBIN)/python -m pip install -q --disable-pip-version-check --no-compile -e ".[test]" \
+		$$($(CBIN)/python .ci/minimums.py) $(COMPAT_EXTRA)
+	touch $@
+
+compat: $(CBIN)/.installed
+	$(CBIN)/python -m pytest -q tests --ignore=tests/frontend
+
+# The package as a user gets it: wheel and sdist built, the wheel installed into a fresh venv with
+# nothing but its declared dependencies, then a smoke test in the real `ipython` program.
+# (--no-compile: byte-compiling all of torch at install time costs more than it saves here.)
+WHEEL_VENV ?= .venv-wheel
+
+wheel: $(BIN)/.installed
+	rm -rf dist $(WHEEL_VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check build
+	$(BIN)/python -m build -q --outdir dist .
+	ls dist
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-compile "$(TORCH)"
+	$(WHEEL_VENV)/bin/python -m pip install -q --disable-pip-version-check --no-compile dist/torchmagic-*.whl
+	.ci/wheel-smoke $(WHEEL_VENV)
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info .whl .venv-gpucheck
+	rm -rf $(VENV) $(COMPAT_VENV) $(WHEEL_VENV) build dist *.egg-info .whl .venv-gpucheck
 
 # Wheels for a GPU machine that has torch (and pytest, numpy) but not IPython, ipywidgets or
 # torchinfo, for Python 3.12 on x86-64 Linux; see "Checking the GPU paths" in README.md.

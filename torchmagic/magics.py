@@ -19,6 +19,7 @@ from torch import nn
 from traitlets import Bool, Enum, Int
 
 from . import devices, finetune, memory, summary, tracing, training, ui
+from .compat import running_cell_number
 from .errors import TorchMagicError
 from .inputs import ShapeSpec, build_call
 from .parsing import looks_like_shape, parse_shape, split_line
@@ -27,15 +28,21 @@ from .results import MemoryHistory, MemoryStatus
 
 
 def usage_errors(func):
-    """TorchMagicError -> UsageError: one line, no traceback (IPython shows a traceback for subclasses)."""
+    """TorchMagicError -> UsageError: one line, no traceback (IPython shows a traceback for subclasses).
+    A line (or a cell) ending in `;` shows nothing, on every IPython: 7.34 hands the `;` to the magic
+    and displays what it returns, and 8+ silences only magics marked output_can_be_silenced."""
 
     @functools.wraps(func)
-    def wrapper(*args, **kwargs):
+    def wrapper(self, line, *cell):
         __tracebackhide__ = True  # noqa: F841  IPython hides this frame in tracebacks of the user's code
+        quiet = (cell[0] if cell else line).rstrip().endswith(";")
+        if quiet and not cell:
+            line = line.rstrip()[:-1]
         try:
-            return func(*args, **kwargs)
+            result = func(self, line, *cell)
         except TorchMagicError as e:
             raise UsageError(str(e)) from None
+        return None if quiet else result
 
     return wrapper
 
@@ -263,7 +270,7 @@ class TorchMagics(Magics):
             raise TorchMagicError("%%shapes traces the cell as it runs, with --ops and --depth only; "
                                   "for one model call use %shapes MODEL INPUT")
         source = self.shell.transform_cell(cell)
-        filename = self.shell.compile.cache(source, max(self.shell.execution_count - 1, 0))
+        filename = self.shell.compile.cache(source, running_cell_number(self.shell))
         try:
             code = compile(source, filename, "exec")
         except SyntaxError as e:
@@ -384,8 +391,7 @@ class TorchMagics(Magics):
         if not isinstance(tree.body[-1], ast.Expr):
             raise TorchMagicError("the cell's last line must be the loss expression, e.g. `loss` or "
                                   "`criterion(out, y)`, not a statement")
-        # IPython has already counted this cell, so the cell's own number is one less.
-        filename = self.shell.compile.cache(source, max(self.shell.execution_count - 1, 0))
+        filename = self.shell.compile.cache(source, running_cell_number(self.shell))
         head = compile(ast.Module(body=tree.body[:-1], type_ignores=[]), filename, "exec")
         tail = compile(ast.Expression(body=tree.body[-1].value), filename, "eval")
         ns = self.shell.user_ns
