@@ -35,6 +35,12 @@ def kernel():
 
     km = InProcessKernelManager()
     km.start_kernel()
+    # One request through the kernel's client, so the kernel has a parent message (as it has in a
+    # notebook) for ipywidgets' Output to route displays to (ipywidgets 7 reads it directly).
+    client = km.client()
+    client.start_channels()
+    client.execute("pass")
+    client.get_shell_msg(timeout=30)
     ip = km.kernel.shell
     ip.run_line_magic("load_ext", "torchmagic")
     k = Kernel(ip)

@@ -35,8 +35,9 @@ def usage_errors(func):
     @functools.wraps(func)
     def wrapper(self, line, *cell):
         __tracebackhide__ = True  # noqa: F841  IPython hides this frame in tracebacks of the user's code
-        quiet = (cell[0] if cell else line).rstrip().endswith(";")
-        if quiet and not cell:
+        is_cell = bool(cell) and cell[0] is not None  # IPython 7.34 calls a line_cell magic's line form with cell=None
+        quiet = (cell[0] if is_cell else line).rstrip().endswith(";")
+        if quiet and not is_cell:
             line = line.rstrip()[:-1]
         try:
             result = func(self, line, *cell)
