@@ -98,3 +98,12 @@ def notes(shell):
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The state-safety matrix (tests/test_safety_matrix.py), when it ran."""
+    import sys
+
+    matrix = sys.modules.get("test_safety_matrix")
+    for line in matrix.report() if matrix is not None else []:
+        terminalreporter.write_line(line)

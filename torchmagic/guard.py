@@ -24,6 +24,18 @@ class RngState:
             torch.cuda.set_rng_state_all(self.cuda)
 
 
+_SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (NaN equals NaN, -0.0 differs from 0.0)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if (a.is_floating_point() or a.is_complex()) and a.element_size() in _SAME_SIZE_INT:
+        a, b = a.view(_SAME_SIZE_INT[a.element_size()]), b.view(_SAME_SIZE_INT[b.element_size()])
+    return bool(torch.equal(a, b))
+
+
 class BufferState:
     """Every buffer of the model: the object in its slot and a copy of its values."""
 
@@ -36,7 +48,10 @@ class BufferState:
         with torch.no_grad():
             for m, name, buf, copy in self.saved:
                 m._buffers[name] = buf
-                if copy is not None:
+                # Write back only what changed: copy_ bumps the autograd version, and a pending backward
+                # that saved the buffer (BatchNorm in eval mode saves its running stats) would then fail.
+                # (Kernels such as batch_norm write running stats without bumping it: compare values.)
+                if copy is not None and not same_bits(buf, copy):
                     buf.copy_(copy)
 
 
