@@ -119,7 +119,8 @@ def snapshot(model: torch.nn.Module | None = None, optimizer: torch.optim.Optimi
             n: (list(p._backward_hooks or {}), list(getattr(p, "_post_accumulate_grad_hooks", None) or {}))
             for n, p in named_params
         }
-        snap["attributes"] = {(n, k): _attribute(v) for n, m in modules for k, v in vars(m).items()}
+        snap["attributes"] = {(n, k): _attribute(v) for n, m in modules for k, v in vars(m).items()
+                              if k != "training" and k not in _module_hook_dicts(m)}  # own columns
         snap["attributes"].update({(n, "param." + k): _attribute(v) for n, p in named_params for k, v in vars(p).items()})
         # Versions are compared only where asked (diff(..., versions=True)): a failed step restored with
         # copy_ has the right values yet new versions.
