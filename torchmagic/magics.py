@@ -28,9 +28,21 @@ def usage_errors(func):
         try:
             return func(*args, **kwargs)
         except TorchMagicError as e:
-            raise UsageError(str(e)) from None
+            raise UsageError(one_line(str(e))) from None
 
     return wrapper
+
+
+def one_line(message: str, longest: int = 80) -> str:
+    """A message fit for one line: lines joined, and any very long word (a pasted name or shape)
+    elided in the middle, so that the advice at the end stays in view."""
+    words = " / ".join(line.strip() for line in message.splitlines() if line.strip()).split(" ")
+    return " ".join(w if len(w) <= longest else f"{w[:longest // 2]}…{w[-12:]} ({len(w):,} characters)"
+                    for w in words)
+
+
+def _a(noun: str) -> str:
+    return f"an {noun}" if noun[:1].lower() in "aeiou" else f"a {noun}"
 
 
 @magics_class
@@ -45,15 +57,20 @@ class TorchMagics(Magics):
     # ------------------------------------------------------------ helpers
 
     def _parse(self, magic, line: str):
-        name = magic.__name__
+        name = ("%%" if magic.__name__ in self.magics["cell"] else "%") + magic.__name__
         tokens = split_line(line)
-        for t in tokens:
-            if t[:1] == "-" and t[1:2].isdigit():
-                parse_shape(t)  # raises the message about negative sizes
         try:
-            return magic.parser.parse_args(tokens)
+            args = magic.parser.parse_intermixed_args(tokens)  # options may come between model and input
         except UsageError as e:
-            raise TorchMagicError(f"%{name}: {e}; see %{name}? for usage") from None
+            for t in tokens:
+                if t[:1] == "-" and t[1:2].isdigit():
+                    parse_shape(t)  # a negative size, read as an option: raise the message about sizes
+            raise TorchMagicError(f"{name}: {e}; see {name}? for usage") from None
+        if getattr(args, "depth", None) is not None and args.depth < 0:
+            raise TorchMagicError(f"--depth {args.depth} is negative: give 0 (the model alone) or more, e.g. --depth 2")
+        if getattr(args, "lr", None) is not None and not 0 < args.lr < float("inf"):
+            raise TorchMagicError(f"--lr {args.lr} is not a positive learning rate, e.g. --lr 0.01")
+        return args
 
     def _eval(self, expr: str):
         try:
@@ -68,8 +85,8 @@ class TorchMagics(Magics):
     def _module(self, expr: str) -> nn.Module:
         value = self._eval(expr)
         if not isinstance(value, nn.Module):
-            raise TorchMagicError(f"{expr!r} is a {type(value).__name__}, not a torch.nn.Module: "
-                                  f"give the model first, e.g. %shapes net 1,3,32,32")
+            raise TorchMagicError(f"{expr!r} is {_a(type(value).__name__)}, not a torch.nn.Module: "
+                                  f"give the model (an nn.Module such as net = Net()) first")
         return value
 
     def _inputs(self, texts: list[str]) -> list:
@@ -168,8 +185,8 @@ class TorchMagics(Magics):
         model = self._module(args.model)
         optimizer = self._eval(args.optimizer)
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TorchMagicError(f"{args.optimizer!r} is a {type(optimizer).__name__}, not a torch.optim.Optimizer: "
-                                  f"%%trainstep MODEL OPTIMIZER")
+            raise TorchMagicError(f"{args.optimizer!r} is {_a(type(optimizer).__name__)}, not a torch.optim.Optimizer: "
+                                  f"give %%trainstep MODEL OPTIMIZER, e.g. %%trainstep net optimizer")
         if args.lr is not None and not args.lr > 0:
             raise TorchMagicError(f"--lr {args.lr} is not a positive learning rate, e.g. --lr 0.01")
         training.check_pair(model, optimizer, args.model, args.optimizer)
