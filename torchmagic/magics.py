@@ -78,9 +78,11 @@ class TorchMagics(Magics):
         except NameError as e:
             raise TorchMagicError(f"{e}: define it first, or check the spelling") from None
         except SyntaxError:
-            raise TorchMagicError(f"{expr!r} is not a valid Python expression") from None
+            raise TorchMagicError(f"{expr!r} is not a valid Python expression: check it, or write a shape "
+                                  f"as whole numbers and commas, e.g. 1,3,32,32") from None
         except Exception as e:
-            raise TorchMagicError(f"evaluating {expr!r} raised {type(e).__name__}: {e}") from None
+            raise TorchMagicError(f"evaluating {expr!r} raised {type(e).__name__}: {e}; "
+                                  f"check it in a cell of its own first") from None
 
     def _module(self, expr: str) -> nn.Module:
         value = self._eval(expr)
@@ -207,7 +209,8 @@ class TorchMagics(Magics):
         try:
             tree = ast.parse(source)
         except SyntaxError as e:
-            raise TorchMagicError(f"the cell has a syntax error on line {e.lineno}: {e.msg}") from None
+            raise TorchMagicError(f"the cell has a syntax error on line {e.lineno}: {e.msg}; fix it and run the "
+                                  f"cell again") from None
         if not tree.body:
             raise TorchMagicError("the cell is empty: compute the loss in it, its last line being the loss, "
                                   "e.g. criterion(net(x), y)")
