@@ -148,8 +148,9 @@ with torch.device("meta"):
                                    "torchmagic instead of a UsageError (suggest to_empty())"}),
     ZooModel("compiled", f"inner = {_CNN}.train()\nmodel = torch.compile(inner, backend='eager')\n" + _opt(),
              "2,3,8,8", "model(torch.randn(2, 3, 8, 8))", "model(torch.randn(2, 3, 8, 8)).pow(2).mean()",
-             xfail={m: "running the compiled wrapper under no_grad recompiles it and tags its parameters "
-                       "(_dynamo_static_input_type): trace the original module (unwrap OptimizedModule)"
+             xfail={m: "calling the compiled wrapper makes dynamo compile it (a new graph, under no_grad) and "
+                       "tag its parameters (_dynamo_static_input_type): trace the original module instead "
+                       "(unwrap OptimizedModule)"
                     for m in ("shapes", "summary_input")}),
     ZooModel("data_parallel", f"model = nn.DataParallel({_CNN}.train())\n" + _opt(), "2,3,8,8",
              "model(torch.randn(2, 3, 8, 8))", "model(torch.randn(2, 3, 8, 8)).pow(2).mean()"),
@@ -191,7 +192,9 @@ def known_gap(magic: MagicCase, zoo: ZooModel) -> str:
 
 
 def matrix_params():
-    """magic x model pytest params, strict-xfail where a feature or a fix is still missing."""
+    """magic x model pytest params, strict-xfail where a feature or a fix is still missing. A magic
+    that does not exist yet runs on the first model only: its XPASS says the feature arrived, and
+    clearing `needs` then runs it on the whole zoo."""
     return [pytest.param(m, z, id=f"{m.id}-{z.id}",
                          marks=[pytest.mark.xfail(strict=True, reason=known_gap(m, z))] if known_gap(m, z) else [])
-            for m in MAGICS for z in ZOO]
+            for m in MAGICS for z in (ZOO[:1] if m.needs else ZOO)]
