@@ -6,6 +6,7 @@ one `ZooModel` entry in ZOO. Each zoo entry is the code a user would type in a c
 """
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, field
 
 import pytest
@@ -25,10 +26,16 @@ class ZooModel:
     input: str  # INPUT of %shapes / %summary: a shape or an expression
     call: str  # one forward call, as a user writes it
     loss: str  # the %%trainstep body; its last line is the loss
-    # magic id -> text the UsageError must contain: this model is refused by that magic, safely.
+    # magic id (a glob: "trainstep*") -> text the UsageError must contain: refused by that magic, safely.
     refused: dict = field(default_factory=dict)
-    # magic id -> reason: the foundation cannot handle this pair yet (strict xfail).
+    # magic id (a glob) -> reason: the code cannot handle this pair yet (strict xfail).
     xfail: dict = field(default_factory=dict)
+
+    def refusal(self, magic_id: str) -> str:
+        return next((v for k, v in self.refused.items() if fnmatch.fnmatchcase(magic_id, k)), "")
+
+    def gap(self, magic_id: str) -> str:
+        return next((v for k, v in self.xfail.items() if fnmatch.fnmatchcase(magic_id, k)), "")
 
 
 def _opt(params: str = "model.parameters()") -> str:
@@ -141,8 +148,8 @@ with torch.device("meta"):
     model = {_CNN}
 """ + _opt(), "2,3,8,8", "model(torch.randn(2, 3, 8, 8, device='meta'))",
              "model(torch.randn(2, 3, 8, 8, device='meta')).pow(2).mean()",
-             refused={"trainstep": "meta", "device_move": "meta"},
-             xfail={"trainstep": "training.py: the loss of a meta model has no value; float(loss) raises RuntimeError "
+             refused={"trainstep*": "meta", "device_move": "meta"},
+             xfail={"trainstep*": "training.py: the loss of a meta model has no value; float(loss) raises RuntimeError "
                                  "inside torchmagic instead of a UsageError that refuses meta models",
                     "device_move": "devices.py: Module.to() on a meta model raises NotImplementedError inside "
                                    "torchmagic instead of a UsageError (suggest to_empty())"}),
@@ -157,11 +164,17 @@ with torch.device("meta"):
 ]
 
 
+STEP = "step"  # `hand` of %%trainstep: grads set to None, the body, backward, optimizer.step()
+
+
 @dataclass(frozen=True)
 class MagicCase:
     id: str
     code: str  # {input}, {call} and {loss} are filled from the zoo entry
-    changes: bool = False  # the magic exists to change the model (then it must equal a hand-written twin)
+    # "" : the magic must change nothing. Otherwise it exists to change the model, and must change it
+    # exactly as this does on deep copies of model and opt: Python code ({call}, {loss} filled in),
+    # or STEP, or f"{STEP} x3" for three steps.
+    hand: str = ""
     needs: str = ""  # the feature this case waits for: a strict xfail until it exists
 
     def cell(self, z: ZooModel) -> str:
@@ -174,21 +187,28 @@ MAGICS = [
     MagicCase("shapes", "%shapes model {input}"),
     MagicCase("summary", "%summary model"),
     MagicCase("summary_input", "%summary model {input}"),
-    MagicCase("trainstep", "%%trainstep model opt\n{loss}", changes=True),
+    MagicCase("trainstep", "%%trainstep model opt\n{loss}", hand=STEP),
+    # Features that are coming: each is one line here.
     MagicCase("shapes_real", "%shapes --mode real model {input}", needs="%shapes --mode"),
     MagicCase("shapes_fake", "%shapes --mode fake model {input}", needs="%shapes --mode"),
     MagicCase("shapes_meta", "%shapes --mode meta model {input}", needs="%shapes --mode"),
     MagicCase("shapes_auto", "%shapes --mode auto model {input}", needs="%shapes --mode"),
-    MagicCase("shapes_cell", "%%shapes\n{call}", needs="%%shapes"),
-    MagicCase("shapes_cell_ops", "%%shapes --ops\n{call}", needs="%%shapes --ops"),
-    MagicCase("freeze_list", "%freeze model", needs="%freeze"),
+    MagicCase("shapes_cell", "%%shapes\n{call}", hand="{call}", needs="%%shapes"),  # the cell runs for real
+    MagicCase("shapes_cell_ops", "%%shapes --ops\n{call}", hand="{call}", needs="%%shapes --ops"),
+    MagicCase("freeze", "%freeze model", hand="model.requires_grad_(False)", needs="%freeze"),
+    MagicCase("unfreeze", "%unfreeze model", hand="model.requires_grad_(True)", needs="%unfreeze"),
+    MagicCase("trainstep_eval", "%%trainstep model opt --eval\n{loss}", hand=STEP, needs="%%trainstep --eval"),
+    MagicCase("trainstep_steps", "%%trainstep model opt --steps 3\n{loss}", hand=f"{STEP} x3",
+              needs="%%trainstep --steps"),
+    MagicCase("trainstep_sweep", "%%trainstep model opt --sweep 1e-4:1e-1\n{loss}", needs="%%trainstep --sweep"),
     MagicCase("memory", "%memory", needs="%memory"),
+    MagicCase("memory_on", "%memory on", needs="%memory"),
 ]
 
 
 def known_gap(magic: MagicCase, zoo: ZooModel) -> str:
     """Why this pair cannot pass yet ("" when it must pass)."""
-    return f"needs {magic.needs}" if magic.needs else zoo.xfail.get(magic.id, "")
+    return f"needs {magic.needs}" if magic.needs else zoo.gap(magic.id)
 
 
 def matrix_params():

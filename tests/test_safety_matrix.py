@@ -3,8 +3,8 @@
 Each pair runs in a fresh shell: the zoo entry's cell defines the model, a snapshot is taken,
 the magic runs as the user would type it, a second snapshot is compared column by column
 (snapshot.CHECKS), then the model must be garbage-collectable with the result still in Out.
-Magics that exist to change the model (%%trainstep) must change it exactly as the same step
-written by hand does on a deep copy. The table is printed at the end of the test session.
+Magics that exist to change the model (%%trainstep, %freeze, %%shapes running its cell) must
+change it exactly as the same work written by hand does on deep copies. The table is printed at the end of the test session.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 import torch
 from IPython.core.error import UsageError
 
-from safety_zoo import MAGICS, PRELUDE, ZOO, known_gap, matrix_params
+from safety_zoo import MAGICS, PRELUDE, STEP, ZOO, known_gap, matrix_params
 from snapshot import CHECKS, _part, _values, by_check, collectable, diff, snapshot
 
 WEAKREF = "weakref dies"
@@ -28,19 +28,25 @@ RESULTS: dict[tuple[str, str], dict[str, str]] = {}
 WAITING: dict[str, str] = {c.id: c.needs for c in MAGICS if c.needs}
 
 
-def _hand_step(ns: dict, loss_code: str) -> dict:
-    """What %%trainstep must do, written by hand on deep copies, from the same RNG state:
-    set grads to None, run the body, backward, step. Returns the copies' snapshot after."""
+def _by_hand(ns: dict, magic, zoo) -> dict:
+    """What the magic must do, written by hand on deep copies of model and opt, from the same RNG
+    state; returns the copies' snapshot after. STEP is %%trainstep's step: grads set to None, the
+    body (its last expression is the loss), backward, optimizer.step()."""
     rng = torch.random.get_rng_state()
     model, opt = copy.deepcopy((ns["model"], ns["opt"]))
     local = dict(ns, model=model, opt=opt)
-    for p in list(model.parameters()) + [p for g in opt.param_groups for p in g["params"]]:
-        p.grad = None
-    tree = ast.parse(loss_code)
-    exec(compile(ast.Module(body=tree.body[:-1], type_ignores=[]), "<hand step>", "exec"), local)
-    loss = eval(compile(ast.Expression(body=tree.body[-1].value), "<hand step>", "eval"), local)
-    loss.backward()
-    opt.step()
+    if magic.hand.startswith(STEP):
+        tree = ast.parse(zoo.loss)
+        head = compile(ast.Module(body=tree.body[:-1], type_ignores=[]), "<hand step>", "exec")
+        tail = compile(ast.Expression(body=tree.body[-1].value), "<hand step>", "eval")
+        for _ in range(int(magic.hand.partition(" x")[2] or 1)):
+            for p in list(model.parameters()) + [p for g in opt.param_groups for p in g["params"]]:
+                p.grad = None
+            exec(head, local)
+            eval(tail, local).backward()
+            opt.step()
+    else:
+        exec(magic.hand.format(call=zoo.call, loss=zoo.loss, input=zoo.input), local)
     after = snapshot(model, opt)
     torch.random.set_rng_state(rng)
     return after
@@ -50,9 +56,14 @@ def _without_ids(snap: dict, key: str) -> dict:
     return {key: _part(snap, key, _values)}
 
 
-def _step_checks(before: dict, after: dict, hand: dict) -> dict[str, list[str]]:
-    """A training step may change values, exactly as the hand-written step does; identities,
-    modes, hooks and everything global stay as they were."""
+def _attributes_without_ids(snap: dict) -> dict:
+    return {"attributes": {k: v[:1] if v[0] in ("object", "dict", "list", "set") else v
+                           for k, v in snap["attributes"].items()}}
+
+
+def _hand_checks(before: dict, after: dict, hand: dict) -> dict[str, list[str]]:
+    """A magic that exists to change the model may change values and flags, exactly as the same
+    work done by hand does; identities, hooks and everything global stay as they were."""
     checks = by_check(before, after)
     checks["param values"] = diff(_without_ids(hand, "params"), _without_ids(after, "params"))
     checks["buffers"] = diff(_without_ids(hand, "buffers"), _without_ids(after, "buffers"))
@@ -60,6 +71,11 @@ def _step_checks(before: dict, after: dict, hand: dict) -> dict[str, list[str]]:
     checks["grad identity, none new"] = diff(
         {"grads": {k: v is None for k, v in hand["grads"].items()}},
         {"grads": {k: v is None for k, v in after["grads"].items()}})
+    checks["requires_grad"] = diff({"r": hand["requires_grad"]}, {"r": after["requires_grad"]})
+    # Attributes the same work changes by hand may change (e.g. dynamo tagging the parameters of a
+    # compiled model it compiles); nothing else may.
+    by_hand = {c[len("attributes["):-1] for c in diff(_attributes_without_ids(before), _attributes_without_ids(hand))}
+    checks["attributes"] = [c for c in checks["attributes"] if c[len("attributes["):-1] not in by_hand]
     checks["torch CPU RNG"] = diff({"rng": hand["torch_rng"]}, {"rng": after["torch_rng"]})
 
     def opt_values(s):
@@ -68,13 +84,13 @@ def _step_checks(before: dict, after: dict, hand: dict) -> dict[str, list[str]]:
         return {"groups": groups, "state": state}
 
     checks["optimizer"] = diff(opt_values(hand), opt_values(after))
-    checks["autograd versions"] = None  # a step writes the parameters in place by design
+    checks["autograd versions"] = None  # writes in place are what this magic is for
     return checks
 
 
 def _cell(result: list[str] | None, name: str) -> str:
     if result is None:
-        return "n/a: a training step writes parameters in place"
+        return "n/a: the magic writes parameters in place by design"
     if name == "CUDA RNG" and not torch.cuda.is_available():
         return "n/a: no CUDA here"
     return "ok" if not result else "FAIL: " + ", ".join(result[:4])
@@ -88,8 +104,8 @@ def test_matrix(shell, magic, zoo):
     shell.run(zoo.setup)
     created = sorted(set(ip.user_ns) - names_before)
     model, opt = ip.user_ns["model"], ip.user_ns["opt"]
-    refusal = zoo.refused.get(magic.id)
-    hand = _hand_step(ip.user_ns, zoo.loss) if magic.changes and not refusal else None
+    refusal = zoo.refusal(magic.id)
+    hand = _by_hand(ip.user_ns, magic, zoo) if magic.hand and not refusal else None
 
     before = snapshot(model, opt)
     run = ip.run_cell(magic.cell(zoo), store_history=True)
@@ -99,7 +115,7 @@ def test_matrix(shell, magic, zoo):
     if error is None:
         shell.text(run.result)  # renders as text and HTML without raising
         shell.html(run.result)
-    checks = _step_checks(before, after, hand) if hand is not None else by_check(before, after)
+    checks = _hand_checks(before, after, hand) if hand is not None else by_check(before, after)
     ref = weakref.ref(model)
     del model, opt, run, error  # the result stays in Out: it must not hold the model
     checks[WEAKREF] = collectable(ip, created, ref)
@@ -152,7 +168,7 @@ def report() -> list[str]:
     lines += ["  " + "   ".join(f"[{index[m]}] {next(c.cell(ZOO[0]) for c in MAGICS if c.id == m).splitlines()[0]}"
                                   for m in ran)]
     lines.append(f"checks run: {applicable} ({passed} pass, {failed} fail); not applicable: {na} "
-                 f"(CUDA RNG without CUDA, versions of a training step)")
+                 f"(CUDA RNG without CUDA; versions where a magic writes parameters by design)")
     lines.append("per check: " + ", ".join(f"{c} {p}/{n}" for c, (n, p) in per_check.items()))
     waiting = sorted(set(WAITING) - set(ran))
     if waiting:

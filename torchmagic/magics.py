@@ -57,7 +57,8 @@ class TorchMagics(Magics):
     # ------------------------------------------------------------ helpers
 
     def _parse(self, magic, line: str):
-        name = ("%%" if magic.__name__ in self.magics["cell"] else "%") + magic.__name__
+        cell_only = magic.__name__ in self.magics["cell"] and magic.__name__ not in self.magics["line"]
+        name = ("%%" if cell_only else "%") + magic.__name__
         tokens = split_line(line)
         try:
             args = magic.parser.parse_intermixed_args(tokens)  # options may come between model and input
