@@ -101,9 +101,10 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 
 
 def pytest_terminal_summary(terminalreporter):
-    """The state-safety matrix (tests/test_safety_matrix.py), when it ran."""
+    """The state-safety matrix and the Ctrl-C sweep, when they ran."""
     import sys
 
-    matrix = sys.modules.get("test_safety_matrix")
-    for line in matrix.report() if matrix is not None else []:
-        terminalreporter.write_line(line)
+    for name in ("test_safety_matrix", "test_faults"):
+        module = sys.modules.get(name)
+        for line in module.report() if module is not None else []:
+            terminalreporter.write_line(line)

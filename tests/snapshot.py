@@ -255,7 +255,8 @@ def collectable(ip, names: list[str], target) -> list[str]:
     for n in names:
         ip.user_ns.pop(n, None)
     clear_last_error(ip)
-    gc.collect()
+    if ref() is not None:  # reference cycles need the collector; most models die without it
+        gc.collect()
     obj = ref()
     if obj is None:
         return []

@@ -14,7 +14,10 @@ drops those before the weakref checks, so that what remains alive is torchmagic'
 """
 from __future__ import annotations
 
+import linecache
 import os
+import re
+import weakref
 from dataclasses import dataclass
 
 import pytest
@@ -22,7 +25,7 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
 from conftest import Shell
-from snapshot import clear_last_error, diff, snapshot
+from snapshot import clear_last_error, collectable, diff, snapshot
 
 os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")  # the in-process kernel imports debugpy
 
@@ -284,3 +287,148 @@ def test_widget_panel_does_not_keep_the_model(kernel):
     kernel.run(STEP_CELL)
     ref = weakref.ref(kernel.ns["model"])
     assert collectable(kernel.ip, ["model", "opt", "FAULT"], ref) == []
+
+
+# ---------------------------------------------------------------- Ctrl-C at every line
+
+SWEEP_MODEL = '''
+import torch
+import torch.nn as nn
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 8), nn.BatchNorm1d(8),
+                      nn.Linear(8, 2)).train()
+model[4].eval()
+opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+x, y = torch.randn(4, 8), torch.randn(4, 2)
+'''
+SWEEPS = {
+    "shapes": ("line", "shapes", "model 4,8", None),
+    "summary": ("line", "summary", "model 4,8", None),
+    "trainstep": ("cell", "trainstep", "model opt", "((model(x) - y) ** 2).mean()"),
+}
+
+
+def _run_magic(ip, kind, name, line, cell):
+    return ip.run_line_magic(name, line) if kind == "line" else ip.run_cell_magic(name, line, cell)
+
+
+def _torchmagic_lines(ip, magic) -> list[tuple[str, int]]:
+    """The lines of torchmagic's own code that this magic runs, in order."""
+    import sys
+
+    import torchmagic
+
+    package, seen = os.path.dirname(torchmagic.__file__), {}
+
+    def trace(frame, event, arg):
+        if event == "line" and frame.f_code.co_filename.startswith(package):
+            seen.setdefault((frame.f_code.co_filename, frame.f_lineno), None)
+        return trace
+
+    sys.settrace(trace)
+    try:
+        _run_magic(ip, *magic)
+    finally:
+        sys.settrace(None)
+    return list(seen)
+
+
+def _ctrl_c_at(ip, magic, target):
+    """Run the magic and press Ctrl-C (a real SIGINT, handled by Python's own handler) when it
+    reaches `target`. Returns what came out of the magic."""
+    import ctypes
+    import signal
+    import sys
+
+    raise_in_c = getattr(ctypes.CDLL(None), "raise")
+
+    fired = []
+
+    def trace(frame, event, arg):
+        if event == "line" and (frame.f_code.co_filename, frame.f_lineno) == target:
+            fired.append(True)
+            # Tracing ends here, so that the signal is handled where Python really checks for
+            # signals (a call, a loop's jump back), not at the start of a line as a tracer would.
+            sys.settrace(None)
+            while frame is not None:
+                frame.f_trace = None
+                frame = frame.f_back
+            raise_in_c(signal.SIGINT)  # os.kill and signal.raise_signal would handle it right here
+            return None
+        return trace
+
+    sys.settrace(trace)
+    try:
+        _run_magic(ip, *magic)
+        return None if fired else "not reached"
+    except BaseException as e:  # noqa: B036  the interrupt is what we are looking for
+        return e
+    finally:
+        sys.settrace(None)
+
+
+def _values(snap: dict) -> dict:
+    """The snapshot without identities: what a completed step may legitimately have replaced."""
+    out = {k: v for k, v in snap.items() if k not in ("params", "grads", "buffers", "optimizer", "attributes")}
+    for key in ("params", "grads", "buffers"):
+        out[key] = {n: (None if v is None else v[1:]) for n, v in snap[key].items()}
+    out["optimizer"] = {k: (v[1:] if isinstance(v, tuple) else v) for k, v in snap["optimizer"]["state"].items()}
+    return out
+
+
+_WINDOWS = ("tracing.py: a Ctrl-C that lands while ShapeTracer registers or removes its hooks (__enter__'s "
+            "return, _remove's loop) leaves torchmagic's hooks on the model: run both with SIGINT deferred "
+            "(guard.interrupts_deferred), as guard.model_preserved does for its restore")
+_CACHE = ("summary.py: a Ctrl-C that lands in the finally that takes the model out of torchinfo's "
+          "_cached_forward_pass leaves it there, keeping the model alive: run it with SIGINT deferred "
+          "(guard.interrupts_deferred)")
+
+
+SWEPT: dict[str, tuple[int, int, int]] = {}  # magic -> (lines, lines reached, lines that broke a promise)
+
+
+@pytest.mark.parametrize("which", [pytest.param("shapes", marks=pytest.mark.xfail(strict=True, reason=_WINDOWS)),
+                                   pytest.param("summary", marks=pytest.mark.xfail(strict=True, reason=_CACHE)),
+                                   "trainstep"])
+def test_ctrl_c_at_every_line(shell, which):
+    """A real Ctrl-C delivered at each line of torchmagic's code the magic runs, one run per line:
+    the KeyboardInterrupt comes out of the magic, the state is as before (for %%trainstep: as
+    before, or as after the whole step: never half a step), and nothing keeps the model alive.
+    Bare `try:` / `finally:` / `else:` lines are skipped: Python handles a signal at a call or a
+    loop's jump back, never there, while a tracer would raise it at the start of any line."""
+    magic = SWEEPS[which]
+    shell.run(SWEEP_MODEL)
+    lines = _torchmagic_lines(shell.ip, magic)
+    shell.run(SWEEP_MODEL)
+    _run_magic(shell.ip, *magic)
+    completed = _values(snapshot(shell.ns["model"], shell.ns["opt"]))
+    lines = [t for t in lines if not re.match(r"(try|finally|else)\s*:", linecache.getline(*t).strip())]
+    broken, reached = [], 0
+    for target in lines:
+        shell.run(SWEEP_MODEL)  # the same values again, in new objects
+        model, opt = shell.ns["model"], shell.ns["opt"]
+        before = snapshot(model, opt)
+        error = _ctrl_c_at(shell.ip, magic, target)
+        after = snapshot(model, opt)
+        ref = weakref.ref(model)
+        del model, opt
+        where = f"{os.path.basename(target[0])}:{target[1]}"
+        if error == "not reached":  # this run took another branch (e.g. after an earlier run's damage)
+            continue
+        reached += 1
+        if type(error) is not KeyboardInterrupt:
+            broken.append(f"{where}: {type(error).__name__} came out, not KeyboardInterrupt")
+        elif diff(before, after) and not (which == "trainstep" and diff(completed, _values(after)) == []):
+            broken.append(f"{where}: {diff(before, after)[:3]}")
+        del error
+        kept = collectable(shell.ip, ["model", "opt"], ref)
+        if kept:
+            broken.append(f"{where}: the model is kept alive afterwards ({kept[0]})")
+    SWEPT[which.replace("trainstep", "%trainstep")] = (len(lines), reached, len(broken))
+    assert reached > 30 and broken == [], f"{len(broken)} of {reached} lines: " + "; ".join(broken[:12])
+
+
+def report() -> list[str]:
+    """The Ctrl-C sweep's numbers, for the test session's summary."""
+    return [f"Ctrl-C sweep, %{m}: {reached} of {n} lines of torchmagic reached, {bad} broke a promise"
+            for m, (n, reached, bad) in SWEPT.items()]

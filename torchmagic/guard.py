@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 
 import torch
 from torch import nn
@@ -56,16 +58,43 @@ class BufferState:
 
 
 @contextlib.contextmanager
+def interrupts_deferred():
+    """Hold Ctrl-C (SIGINT) until the block is done, then deliver it: a restore cut in half would
+    leave the user's model half restored. Only the main thread receives signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received and callable(previous):
+            previous(signal.SIGINT, None)  # Python's handler raises KeyboardInterrupt here
+
+
+@contextlib.contextmanager
 def model_preserved(model: nn.Module):
     """Modes of every submodule, every buffer and the RNG are restored on exit,
     also when the body raises or is interrupted."""
     modes = [(m, m.training) for m in model.modules()]
     buffers = BufferState(model)
     rng = RngState()
-    try:
-        yield
-    finally:
+
+    def restore():
         rng.restore()
         buffers.restore()
         for m, training in modes:
             m.training = training
+
+    try:
+        yield
+    finally:
+        try:
+            with interrupts_deferred():
+                restore()
+        except KeyboardInterrupt:  # it landed before the deferral was in place: restore again, whole
+            with interrupts_deferred():
+                restore()
+            raise
