@@ -61,15 +61,18 @@ class TorchMagics(Magics):
         name = ("%%" if cell_only else "%") + magic.__name__
         tokens = split_line(line)
         try:
-            args = magic.parser.parse_intermixed_args(tokens)  # options may come between model and input
+            try:
+                args = magic.parser.parse_intermixed_args(tokens)  # options may come between model and input
+            except TypeError:  # argparse cannot intermix this parser's arguments
+                args = magic.parser.parse_args(tokens)
         except UsageError as e:
             for t in tokens:
                 if t[:1] == "-" and t[1:2].isdigit():
                     parse_shape(t)  # a negative size, read as an option: raise the message about sizes
             raise TorchMagicError(f"{name}: {e}; see {name}? for usage") from None
-        if getattr(args, "depth", None) is not None and args.depth < 0:
+        if isinstance(getattr(args, "depth", None), int) and args.depth < 0:
             raise TorchMagicError(f"--depth {args.depth} is negative: give 0 (the model alone) or more, e.g. --depth 2")
-        if getattr(args, "lr", None) is not None and not 0 < args.lr < float("inf"):
+        if isinstance(getattr(args, "lr", None), float) and not 0 < args.lr < float("inf"):
             raise TorchMagicError(f"--lr {args.lr} is not a positive learning rate, e.g. --lr 0.01")
         return args
 
