@@ -98,3 +98,13 @@ def notes(shell):
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The state-safety matrix and the Ctrl-C sweep, when they ran."""
+    import sys
+
+    for name in ("test_safety_matrix", "test_faults"):
+        module = sys.modules.get(name)
+        for line in module.report() if module is not None else []:
+            terminalreporter.write_line(line)

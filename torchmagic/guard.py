@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 
 import torch
 from torch import nn
@@ -24,6 +26,18 @@ class RngState:
             torch.cuda.set_rng_state_all(self.cuda)
 
 
+_SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (NaN equals NaN, -0.0 differs from 0.0)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if (a.is_floating_point() or a.is_complex()) and a.element_size() in _SAME_SIZE_INT:
+        a, b = a.view(_SAME_SIZE_INT[a.element_size()]), b.view(_SAME_SIZE_INT[b.element_size()])
+    return bool(torch.equal(a, b))
+
+
 class BufferState:
     """Every buffer of the model: the object in its slot and a copy of its values."""
 
@@ -36,8 +50,28 @@ class BufferState:
         with torch.no_grad():
             for m, name, buf, copy in self.saved:
                 m._buffers[name] = buf
-                if copy is not None:
+                # Write back only what changed: copy_ bumps the autograd version, and a pending backward
+                # that saved the buffer (BatchNorm in eval mode saves its running stats) would then fail.
+                # (Kernels such as batch_norm write running stats without bumping it: compare values.)
+                if copy is not None and not same_bits(buf, copy):
                     buf.copy_(copy)
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Hold Ctrl-C (SIGINT) until the block is done, then deliver it: a restore cut in half would
+    leave the user's model half restored. Only the main thread receives signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received and callable(previous):
+            previous(signal.SIGINT, None)  # Python's handler raises KeyboardInterrupt here
 
 
 @contextlib.contextmanager
@@ -47,10 +81,20 @@ def model_preserved(model: nn.Module):
     modes = [(m, m.training) for m in model.modules()]
     buffers = BufferState(model)
     rng = RngState()
-    try:
-        yield
-    finally:
+
+    def restore():
         rng.restore()
         buffers.restore()
         for m, training in modes:
             m.training = training
+
+    try:
+        yield
+    finally:
+        try:
+            with interrupts_deferred():
+                restore()
+        except KeyboardInterrupt:  # it landed before the deferral was in place: restore again, whole
+            with interrupts_deferred():
+                restore()
+            raise

@@ -64,7 +64,8 @@ def build_call(model: nn.Module, values: list) -> tuple[tuple, dict]:
         kwargs = {k: make_tensor(v, model) if isinstance(v, ShapeSpec) else v for k, v in values[0].items()}
         bad = [k for k in kwargs if not isinstance(k, str)]
         if bad:
-            raise TorchMagicError(f"a dict input gives keyword arguments, so its keys must be strings; got {bad[0]!r}")
+            raise TorchMagicError(f"a dict input gives keyword arguments, so its keys must be strings; got {bad[0]!r}: "
+                                  f"use the forward's parameter names, e.g. {{'x': input}}")
         return (), kwargs
     if len(values) == 1 and isinstance(values[0], (tuple, list)):
         values = list(values[0])

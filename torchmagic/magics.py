@@ -42,10 +42,22 @@ def usage_errors(func):
         try:
             result = func(self, line, *cell)
         except TorchMagicError as e:
-            raise UsageError(str(e)) from None
+            raise UsageError(one_line(str(e))) from None
         return None if quiet else result
 
     return wrapper
+
+
+def one_line(message: str, longest: int = 80) -> str:
+    """A message fit for one line: lines joined, and any very long word (a pasted name or shape)
+    elided in the middle, so that the advice at the end stays in view."""
+    words = " / ".join(line.strip() for line in message.splitlines() if line.strip()).split(" ")
+    return " ".join(w if len(w) <= longest else f"{w[:longest // 2]}…{w[-12:]} ({len(w):,} characters)"
+                    for w in words)
+
+
+def _a(noun: str) -> str:
+    return f"an {noun}" if noun[:1].lower() in "aeiou" else f"a {noun}"
 
 
 @magics_class
@@ -70,15 +82,24 @@ class TorchMagics(Magics):
     # ------------------------------------------------------------ helpers
 
     def _parse(self, magic, line: str):
-        name = magic.__name__
+        cell_only = magic.__name__ in self.magics["cell"] and magic.__name__ not in self.magics["line"]
+        name = ("%%" if cell_only else "%") + magic.__name__
         tokens = split_line(line)
-        for before, t in zip([""] + tokens, tokens):
-            if t[:1] == "-" and t[1:2].isdigit() and not before.startswith("--"):
-                parse_shape(t)  # a positional "-1,3" would read as an option: say what is wrong with it
         try:
-            return magic.parser.parse_args(tokens)
+            try:
+                args = magic.parser.parse_intermixed_args(tokens)  # options may come between model and input
+            except TypeError:  # argparse cannot intermix this parser's arguments
+                args = magic.parser.parse_args(tokens)
         except UsageError as e:
-            raise TorchMagicError(f"%{name}: {e}; see %{name}? for usage") from None
+            for t in tokens:
+                if t[:1] == "-" and t[1:2].isdigit():
+                    parse_shape(t)  # a negative size, read as an option: raise the message about sizes
+            raise TorchMagicError(f"{name}: {e}; see {name}? for usage") from None
+        if isinstance(getattr(args, "depth", None), int) and args.depth < 0:
+            raise TorchMagicError(f"--depth {args.depth} is negative: give 0 (the model alone) or more, e.g. --depth 2")
+        if isinstance(getattr(args, "lr", None), float) and not 0 < args.lr < float("inf"):
+            raise TorchMagicError(f"--lr {args.lr} is not a positive learning rate, e.g. --lr 0.01")
+        return args
 
     def _eval(self, expr: str):
         try:
@@ -86,15 +107,17 @@ class TorchMagics(Magics):
         except NameError as e:
             raise TorchMagicError(f"{e}: define it first, or check the spelling") from None
         except SyntaxError:
-            raise TorchMagicError(f"{expr!r} is not a valid Python expression") from None
+            raise TorchMagicError(f"{expr!r} is not a valid Python expression: check it, or write a shape "
+                                  f"as whole numbers and commas, e.g. 1,3,32,32") from None
         except Exception as e:
-            raise TorchMagicError(f"evaluating {expr!r} raised {type(e).__name__}: {e}") from None
+            raise TorchMagicError(f"evaluating {expr!r} raised {type(e).__name__}: {e}; "
+                                  f"check it in a cell of its own first") from None
 
     def _module(self, expr: str) -> nn.Module:
         value = self._eval(expr)
         if not isinstance(value, nn.Module):
-            raise TorchMagicError(f"{expr!r} is a {type(value).__name__}, not a torch.nn.Module: "
-                                  f"give the model first, e.g. %shapes net 1,3,32,32")
+            raise TorchMagicError(f"{expr!r} is {_a(type(value).__name__)}, not a torch.nn.Module: "
+                                  f"give the model (an nn.Module such as net = Net()) first")
         return value
 
     def _inputs(self, texts: list[str]) -> list:
@@ -340,8 +363,8 @@ class TorchMagics(Magics):
         model = self._module(args.model)
         optimizer = self._eval(args.optimizer)
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TorchMagicError(f"{args.optimizer!r} is a {type(optimizer).__name__}, not a torch.optim.Optimizer: "
-                                  f"%%trainstep MODEL OPTIMIZER")
+            raise TorchMagicError(f"{args.optimizer!r} is {_a(type(optimizer).__name__)}, not a torch.optim.Optimizer: "
+                                  f"give %%trainstep MODEL OPTIMIZER, e.g. %%trainstep net optimizer")
         lrs = _parse_rates(args.lr, "--lr", "--lr 0.01") if args.lr is not None else None
         if args.steps < 1:
             raise TorchMagicError(f"--steps {args.steps}: give a number of steps of at least 1, e.g. --steps 10")
@@ -385,7 +408,8 @@ class TorchMagics(Magics):
         try:
             tree = ast.parse(source)
         except SyntaxError as e:
-            raise TorchMagicError(f"the cell has a syntax error on line {e.lineno}: {e.msg}") from None
+            raise TorchMagicError(f"the cell has a syntax error on line {e.lineno}: {e.msg}; fix it and run the "
+                                  f"cell again") from None
         if not tree.body:
             raise TorchMagicError("the cell is empty: compute the loss in it, its last line being the loss, "
                                   "e.g. criterion(net(x), y)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 
 import torch
 
@@ -53,15 +54,20 @@ def split_line(line: str) -> list[str]:
     return tokens
 
 
+def _ascii_shape(text: str) -> str:
+    """Full-width digits and commas (what a Japanese or Chinese input method types) as ASCII."""
+    return unicodedata.normalize("NFKC", text).strip()
+
+
 def looks_like_shape(text: str) -> bool:
     """True for text meant as a shape (digits and commas), even a malformed one."""
-    text = text.strip()
+    text = _ascii_shape(text)
     return bool(text) and bool(_SHAPE_CHARS.match(text)) and any(c.isdigit() for c in text) and not text.isidentifier()
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
     """'1,1,32,32', '(1,1,32,32)' or '[1, 3]' -> (1, 1, 32, 32). Anything else: TorchMagicError."""
-    body = text.strip()
+    body = _ascii_shape(text)
     if len(body) >= 2 and body[0] + body[-1] in ("()", "[]"):
         body = body[1:-1]
     parts = [p.strip() for p in body.split(",")]
@@ -74,6 +80,9 @@ def parse_shape(text: str) -> tuple[int, ...]:
     for p in parts:
         if not re.fullmatch(r"[+-]?\d+", p):
             raise TorchMagicError(f"{p!r} in {text.strip()!r} is not a whole number: {example}")
+        if len(p.lstrip("+-0")) > 30:  # int() refuses very long digit strings; no tensor is that large
+            raise TorchMagicError(f"a size of {len(p.lstrip('+-0'))} digits in {text.strip()!r} is too large "
+                                  f"to allocate; use a smaller shape")
         value = int(p)
         if value <= 0:
             raise TorchMagicError(f"{p!r} in {text.strip()!r} is not a positive size: {example}")

@@ -1,0 +1,434 @@
+"""Fault injection: an exception or a KeyboardInterrupt at every stage a magic passes through.
+
+One model carries a switch (`FAULT`) that raises at a chosen stage: inside the model's forward,
+in a neighbour module of a hooked one, in the user's own forward hook, in backward (a custom
+autograd Function, a tensor hook), in `optimizer.step()` after it has updated some parameters
+(torch's steps are not atomic), and in the widget's Step callback; plus NaN in the loss and NaN
+in the gradients only. After each: the state DESIGN.md promises (nothing changed), the
+KeyboardInterrupt reached the user, no hook left behind, a message that names what happened, the
+magic still works once the fault is gone, and no tensor of the failed cell is kept alive.
+
+IPython itself keeps the last traceback (sys.last_traceback, its formatter's .tb, the last
+ExecutionResult), and with it the failed cell's frames and tensors: snapshot.clear_last_error
+drops those before the weakref checks, so that what remains alive is torchmagic's doing.
+"""
+from __future__ import annotations
+
+import linecache
+import os
+import re
+import weakref
+from dataclasses import dataclass
+
+import pytest
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+
+from conftest import Shell
+from snapshot import clear_last_error, collectable, diff, snapshot
+
+os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")  # the in-process kernel imports debugpy
+
+FAULTY = '''
+import weakref
+import torch
+import torch.nn as nn
+torch.manual_seed(0)
+FAULT = {"stage": None, "exc": None, "refs": []}
+
+def fire(stage, tensor=None):
+    """Raise FAULT["exc"] when the switch points at this stage; remember the tensor at hand."""
+    if FAULT["stage"] == stage:
+        if tensor is not None:
+            FAULT["refs"].append(weakref.ref(tensor))
+        raise FAULT["exc"](f"injected at {stage}")
+
+def track(t):
+    FAULT["refs"].append(weakref.ref(t))
+    return t
+
+class Boom(nn.Module):
+    def forward(self, x):
+        fire("neighbour", x)
+        return x
+
+class Grad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        fire("backward", g)
+        return g * float("nan") if FAULT["stage"] == "nan_grads" else g
+
+class Faulty(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), Boom())
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.drop(self.features(x))
+        fire("forward", x)
+        if x.requires_grad:
+            x = Grad.apply(x)
+            x.register_hook(lambda g: fire("tensor_hook", g))
+        return self.head(x)
+
+class PartialSGD(torch.optim.Optimizer):
+    """SGD updating parameters one by one with a step counter, as torch's own loops do."""
+    def __init__(self, params, lr):
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for i, p in enumerate(p for g in self.param_groups for p in g["params"] if p.grad is not None):
+            state = self.state[p]
+            state["step"] = state.get("step", 0) + 1
+            p.add_(p.grad, alpha=-self.param_groups[0]["lr"])
+            if i == 1:
+                fire("step")
+
+model = Faulty().train()
+model.features[0].register_forward_hook(lambda m, i, o: fire("user_hook", o))
+opt = PartialSGD(model.parameters(), lr=0.1)
+x = torch.randn(4, 8)
+y = torch.randn(4, 2)
+model(x).sum().backward()  # the user's loop ran: optimizer state and .grad exist
+opt.step()
+model(x).sum().backward()
+
+def make_input():
+    fire("input")
+    return torch.randn(4, 8)
+'''
+
+STEP_CELL = '%%trainstep model opt\ntrack(((model(x) - y) ** 2).mean() * (float("nan") if FAULT["stage"] == "nan_loss" else 1))'
+
+
+@dataclass(frozen=True)
+class Fault:
+    magic: str  # the cell the user runs
+    stage: str
+    exc: str  # "Exception" or "KeyboardInterrupt"
+    module: str = ""  # the module a %shapes failure must name
+    xfail: str = ""
+
+    @property
+    def id(self):
+        return f"{self.magic.split()[0]}-{self.stage}-{self.exc}"
+
+
+SHAPES = "%shapes model 4,8"
+SUMMARY = "%summary model 4,8"
+_ATOMIC = ("training.py: optimizer.step() failed part-way: the parameters it had updated and its state "
+           "are not restored (torch's step is not atomic; save parameter values and optimizer state before "
+           "step() and put them back on failure)")
+
+FAULTS = [
+    *(Fault(magic, stage, exc, module)
+      for magic in (SHAPES, SUMMARY, "%shapes model make_input()")
+      for stage, module in (("forward", "model"), ("neighbour", "features.2"), ("user_hook", "features.0"),
+                            ("input", ""))
+      for exc in ("Exception", "KeyboardInterrupt")
+      if (stage == "input") == ("make_input" in magic)),
+    *(Fault(STEP_CELL, stage, exc, xfail=_ATOMIC if stage == "step" else "")
+      for stage in ("forward", "neighbour", "user_hook", "backward", "tensor_hook", "step")
+      for exc in ("Exception", "KeyboardInterrupt")),
+]
+
+
+def _params(faults):
+    return [pytest.param(f, id=f.id, marks=[pytest.mark.xfail(strict=True, reason=f.xfail)] if f.xfail else [])
+            for f in faults]
+
+
+def _arm(shell, fault_stage, exc):
+    shell.run(f'FAULT.update(stage={fault_stage!r}, exc={exc}); FAULT["refs"].clear()')
+
+
+def _alive(shell) -> list[str]:
+    """Tensors the failed cell made that something still holds, IPython's own references dropped."""
+    refs = list(shell.ns["FAULT"]["refs"])
+    clear_last_error(shell.ip)
+    import gc
+
+    gc.collect()
+    return [repr(r()) [:60] for r in refs if r() is not None]
+
+
+@pytest.mark.parametrize("fault", _params(FAULTS))
+def test_fault(shell, fault):
+    shell.run(FAULTY)
+    model, opt = shell.ns["model"], shell.ns["opt"]
+    before = snapshot(model, opt)
+    _arm(shell, fault.stage, fault.exc)
+    result = shell.ip.run_cell(fault.magic, store_history=True)
+    error = result.error_in_exec or result.error_before_exec
+    after = snapshot(model, opt)
+
+    if fault.exc == "KeyboardInterrupt":
+        assert type(error) is KeyboardInterrupt and str(error) == f"injected at {fault.stage}", repr(error)
+    elif fault.stage == "input":
+        assert type(error) is UsageError and "make_input()" in str(error) and "injected at input" in str(error)
+    elif fault.magic == SHAPES:
+        trace = result.result
+        assert error is None and not trace.ok, repr(error)
+        assert trace.failure.module == fault.module and f"injected at {fault.stage}" in trace.failure.error
+        assert f"injected at {fault.stage}" in shell.text(trace)
+    elif fault.magic == SUMMARY:
+        assert type(error) is UsageError and "\n" not in str(error), repr(error)
+        assert fault.module in str(error) and f"injected at {fault.stage}" in str(error)
+    else:  # %%trainstep: the user's exception, with its traceback starting in the user's code
+        assert type(error) is Exception and str(error) == f"injected at {fault.stage}", repr(error)
+        frames = _frames(error.__traceback__)
+        assert "torchmagic" not in frames[0] and frames[-1].endswith(":fire"), frames
+    del result, error
+    assert diff(before, after) == []  # parameters, grads, buffers, modes, hooks (also global), RNG, optimizer
+    assert _alive(shell) == []
+
+    _arm(shell, None, None)  # the fault is gone: the magic works again, nothing was left switched
+    after_fix = shell.ip.run_cell(fault.magic, store_history=True)
+    assert after_fix.success, after_fix.error_in_exec
+
+
+def _frames(tb) -> list[str]:
+    out = []
+    while tb is not None:
+        out.append(f"{tb.tb_frame.f_code.co_filename}:{tb.tb_frame.f_code.co_name}")
+        tb = tb.tb_next
+    return out
+
+
+@pytest.mark.parametrize("stage, says", [("nan_loss", "the loss is nan"),
+                                         ("nan_grads", "non-finite gradients in features.0.weight")])
+def test_nan_skips_the_step(shell, stage, says):
+    """A NaN loss, or a finite loss with NaN gradients only: no step, nothing changed, a message."""
+    shell.run(FAULTY + "\nfor p in model.parameters():\n    p.grad = None\n")
+    model, opt = shell.ns["model"], shell.ns["opt"]
+    before = snapshot(model, opt)
+    _arm(shell, stage, None)
+    step = shell.run(STEP_CELL)
+    assert step.skipped and says in step.skipped and "no step taken" in step.skipped, step.skipped
+    assert says in shell.text(step)
+    assert diff(before, snapshot(model, opt)) == []
+    del step
+    assert _alive(shell) == []
+
+
+# ---------------------------------------------------------------- the widget's Step button
+
+@pytest.fixture(scope="module")
+def _kernel_manager():
+    """A real in-process ipykernel, started once for this module."""
+    from ipykernel.inprocess.ipkernel import InProcessInteractiveShell
+    from ipykernel.inprocess.manager import InProcessKernelManager
+
+    InteractiveShell.clear_instance()
+    manager = InProcessKernelManager()
+    manager.start_kernel()
+    manager.kernel.shell.run_line_magic("load_ext", "torchmagic")
+    yield manager
+    manager.kernel.shell.run_line_magic("unload_ext", "torchmagic")
+    manager.shutdown_kernel()
+    InProcessInteractiveShell.clear_instance()
+    InteractiveShell.clear_instance()
+
+
+@pytest.fixture
+def kernel(_kernel_manager):
+    """The kernel's shell (it has a kernel, so %%trainstep returns its widget panel), namespace emptied."""
+    ip = _kernel_manager.kernel.shell
+    ip.reset(new_session=False)
+    return Shell(ip)
+
+
+@pytest.mark.parametrize("stage, exc", [
+    pytest.param(s, e, marks=[pytest.mark.xfail(strict=True, reason=_ATOMIC)] if s == "step" else [])
+    for s in ("forward", "user_hook", "backward", "step") for e in ("Exception", "KeyboardInterrupt")
+] + [("nan_loss", None), ("nan_grads", None)])
+def test_fault_in_widget_step(kernel, stage, exc):
+    """Step pressed again after a good step, and this time the cell fails: the state is the one
+    after the good step, and the error is shown in the panel through the shell's showtraceback
+    (sys.last_value). A KeyboardInterrupt too: ipywidgets' Output shows whatever ends its block,
+    and a button callback has no cell above it to interrupt."""
+    import sys
+
+    kernel.run(FAULTY)
+    panel = kernel.run(STEP_CELL)
+    assert type(panel).__name__ == "TrainStepPanel" and panel.result.stepped
+    model, opt = kernel.ns["model"], kernel.ns["opt"]
+    before = snapshot(model, opt)
+    _arm(kernel, stage, exc)
+    sys.last_value = None
+    panel.click()
+    if stage.startswith("nan"):
+        assert panel.result.skipped and "no step taken" in panel.result.skipped
+    else:
+        assert type(sys.last_value).__name__ == exc and str(sys.last_value) == f"injected at {stage}"
+    assert diff(before, snapshot(model, opt)) == []
+    assert _alive(kernel) == []
+    _arm(kernel, None, None)
+    panel.click()
+    assert panel.result.stepped and diff(before, snapshot(model, opt)) != []
+
+
+@pytest.mark.xfail(strict=True, reason="ui.py: the widget panel's Step closure holds the model and the optimizer, "
+                   "and IPython's Out keeps the panel: every model trained with %%trainstep in a notebook stays in "
+                   "memory (hold them by weakref and say so when the model is gone)")
+def test_widget_panel_does_not_keep_the_model(kernel):
+    import weakref
+
+    from snapshot import collectable
+
+    kernel.run(FAULTY)
+    kernel.run(STEP_CELL)
+    ref = weakref.ref(kernel.ns["model"])
+    assert collectable(kernel.ip, ["model", "opt", "FAULT"], ref) == []
+
+
+# ---------------------------------------------------------------- Ctrl-C at every line
+
+SWEEP_MODEL = '''
+import torch
+import torch.nn as nn
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 8), nn.BatchNorm1d(8),
+                      nn.Linear(8, 2)).train()
+model[4].eval()
+opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+x, y = torch.randn(4, 8), torch.randn(4, 2)
+'''
+SWEEPS = {
+    "shapes": ("line", "shapes", "model 4,8", None),
+    "summary": ("line", "summary", "model 4,8", None),
+    "trainstep": ("cell", "trainstep", "model opt", "((model(x) - y) ** 2).mean()"),
+}
+
+
+def _run_magic(ip, kind, name, line, cell):
+    return ip.run_line_magic(name, line) if kind == "line" else ip.run_cell_magic(name, line, cell)
+
+
+def _torchmagic_lines(ip, magic) -> list[tuple[str, int]]:
+    """The lines of torchmagic's own code that this magic runs, in order."""
+    import sys
+
+    import torchmagic
+
+    package, seen = os.path.dirname(torchmagic.__file__), {}
+
+    def trace(frame, event, arg):
+        if event == "line" and frame.f_code.co_filename.startswith(package):
+            seen.setdefault((frame.f_code.co_filename, frame.f_lineno), None)
+        return trace
+
+    sys.settrace(trace)
+    try:
+        _run_magic(ip, *magic)
+    finally:
+        sys.settrace(None)
+    return list(seen)
+
+
+def _ctrl_c_at(ip, magic, target):
+    """Run the magic and press Ctrl-C (a real SIGINT, handled by Python's own handler) when it
+    reaches `target`. Returns what came out of the magic."""
+    import ctypes
+    import signal
+    import sys
+
+    raise_in_c = getattr(ctypes.CDLL(None), "raise")
+
+    fired = []
+
+    def trace(frame, event, arg):
+        if event == "line" and (frame.f_code.co_filename, frame.f_lineno) == target:
+            fired.append(True)
+            # Tracing ends here, so that the signal is handled where Python really checks for
+            # signals (a call, a loop's jump back), not at the start of a line as a tracer would.
+            sys.settrace(None)
+            while frame is not None:
+                frame.f_trace = None
+                frame = frame.f_back
+            raise_in_c(signal.SIGINT)  # os.kill and signal.raise_signal would handle it right here
+            return None
+        return trace
+
+    sys.settrace(trace)
+    try:
+        _run_magic(ip, *magic)
+        return None if fired else "not reached"
+    except BaseException as e:  # noqa: B036  the interrupt is what we are looking for
+        return e
+    finally:
+        sys.settrace(None)
+
+
+def _values(snap: dict) -> dict:
+    """The snapshot without identities: what a completed step may legitimately have replaced."""
+    out = {k: v for k, v in snap.items() if k not in ("params", "grads", "buffers", "optimizer", "attributes")}
+    for key in ("params", "grads", "buffers"):
+        out[key] = {n: (None if v is None else v[1:]) for n, v in snap[key].items()}
+    out["optimizer"] = {k: (v[1:] if isinstance(v, tuple) else v) for k, v in snap["optimizer"]["state"].items()}
+    return out
+
+
+_WINDOWS = ("tracing.py: a Ctrl-C that lands while ShapeTracer registers or removes its hooks (__enter__'s "
+            "return, _remove's loop) leaves torchmagic's hooks on the model: run both with SIGINT deferred "
+            "(guard.interrupts_deferred), as guard.model_preserved does for its restore")
+_CACHE = ("summary.py: a Ctrl-C that lands in the finally that takes the model out of torchinfo's "
+          "_cached_forward_pass leaves it there, keeping the model alive: run it with SIGINT deferred "
+          "(guard.interrupts_deferred)")
+
+
+SWEPT: dict[str, tuple[int, int, int]] = {}  # magic -> (lines, lines reached, lines that broke a promise)
+
+
+@pytest.mark.parametrize("which", [pytest.param("shapes", marks=pytest.mark.xfail(strict=True, reason=_WINDOWS)),
+                                   pytest.param("summary", marks=pytest.mark.xfail(strict=True, reason=_CACHE)),
+                                   "trainstep"])
+def test_ctrl_c_at_every_line(shell, which):
+    """A real Ctrl-C delivered at each line of torchmagic's code the magic runs, one run per line:
+    the KeyboardInterrupt comes out of the magic, the state is as before (for %%trainstep: as
+    before, or as after the whole step: never half a step), and nothing keeps the model alive.
+    Bare `try:` / `finally:` / `else:` lines are skipped: Python handles a signal at a call or a
+    loop's jump back, never there, while a tracer would raise it at the start of any line."""
+    magic = SWEEPS[which]
+    shell.run(SWEEP_MODEL)
+    lines = _torchmagic_lines(shell.ip, magic)
+    shell.run(SWEEP_MODEL)
+    _run_magic(shell.ip, *magic)
+    completed = _values(snapshot(shell.ns["model"], shell.ns["opt"]))
+    lines = [t for t in lines if not re.match(r"(try|finally|else)\s*:", linecache.getline(*t).strip())]
+    broken, reached = [], 0
+    for target in lines:
+        shell.run(SWEEP_MODEL)  # the same values again, in new objects
+        model, opt = shell.ns["model"], shell.ns["opt"]
+        before = snapshot(model, opt)
+        error = _ctrl_c_at(shell.ip, magic, target)
+        after = snapshot(model, opt)
+        ref = weakref.ref(model)
+        del model, opt
+        where = f"{os.path.basename(target[0])}:{target[1]}"
+        if error == "not reached":  # this run took another branch (e.g. after an earlier run's damage)
+            continue
+        reached += 1
+        if type(error) is not KeyboardInterrupt:
+            broken.append(f"{where}: {type(error).__name__} came out, not KeyboardInterrupt")
+        elif diff(before, after) and not (which == "trainstep" and diff(completed, _values(after)) == []):
+            broken.append(f"{where}: {diff(before, after)[:3]}")
+        del error
+        kept = collectable(shell.ip, ["model", "opt"], ref)
+        if kept:
+            broken.append(f"{where}: the model is kept alive afterwards ({kept[0]})")
+    SWEPT[which.replace("trainstep", "%trainstep")] = (len(lines), reached, len(broken))
+    assert reached > 30 and broken == [], f"{len(broken)} of {reached} lines: " + "; ".join(broken[:12])
+
+
+def report() -> list[str]:
+    """The Ctrl-C sweep's numbers, for the test session's summary."""
+    return [f"Ctrl-C sweep, %{m}: {reached} of {n} lines of torchmagic reached, {bad} broke a promise"
+            for m, (n, reached, bad) in SWEPT.items()]
