@@ -162,6 +162,8 @@ def attach_kernel(server: Server, session: dict) -> Kernel:
 
 
 def run_the_example(page, server: Server, url: str, path: str, name: str):
+    from playwright.sync_api import expect  # auto-waiting checks: outputs render a moment after they arrive
+
     page.goto(f"{server.url}{url}?token={server.token}")
     session = server.idle_session(path)
     page.locator(".jp-Notebook .jp-Cell").first.wait_for()
@@ -171,7 +173,8 @@ def run_the_example(page, server: Server, url: str, path: str, name: str):
     # The %shapes table: the notes' question answered (6 x 15 x 15 = 1350 into fc1).
     table = page.locator(".jp-OutputArea-output .tm-result table", has_text="[1, 6, 30, 30]").first
     table.wait_for()
-    assert "[1, 1350]" in table.inner_text()
+    table.scroll_into_view_if_needed()  # JupyterLab renders only the cells near the viewport
+    expect(table).to_contain_text("[1, 1350]")
     # A 28x28 input: the failing call stands out (the error colour of the theme).
     failed = page.locator(".jp-OutputArea-output .tm-result", has_text="failed on input").first
     failed.locator("tr.tm-fail", has_text="fc1").wait_for()
@@ -181,6 +184,8 @@ def run_the_example(page, server: Server, url: str, path: str, name: str):
     widget.get_by_text("step 1").first.wait_for()
     slider = widget.locator(".widget-slider", has=page.locator(".widget-label", has_text=re.compile(r"^lr"))).first
     readout = slider.locator(".widget-readout")
+    slider.scroll_into_view_if_needed()
+    expect(readout).to_have_text(re.compile(r"\d"))  # the readout renders a moment after the slider
     assert float(readout.inner_text()) == pytest.approx(0.01)
 
     kernel = attach_kernel(server, session)

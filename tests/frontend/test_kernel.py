@@ -61,7 +61,7 @@ def test_shapes_and_summary_are_html_tables(executed):
     assert re.search(r'<tr class="tm-fail"><td>\s*fc1</td>', failed[0]), failed[0]
     assert "fc1 (Linear) failed on input [1, 1014]" in failed[0]
 
-    summary = data(cell(executed, "%summary net"), "text/html")
+    summary = data(cell(executed, "%summary net 1,1,32,32"), "text/html")
     assert len(summary) == 1 and "<table" in summary[0]
     assert "13,570" in summary[0]  # 60 + 13,510 parameters
     assert "13,510" in summary[0]

@@ -13,7 +13,7 @@ import pytest
 from frontend_support import ARTIFACTS, BIN, EXAMPLES, NOTEBOOK, Terminal, need
 
 IPYTHON = BIN / "ipython"
-SHAPES_ROW = r"^  conv1 +Conv2d +\[1, 1, 32, 32\] +\[1, 6, 30, 30\] +float32 +60$"
+SHAPES_ROW = r"^  conv1 +Conv2d +\[1, 1, 32, 32\] +\[1, 6, 30, 30\] +float32 +60 +[\d.]+ ?[KMGT]?$"
 
 
 def check_text_only(out: str):
@@ -39,8 +39,10 @@ def test_demo_script_replays_the_notes():
     assert re.search(r"^  fc1 +Linear +\[1, 1014\] +✗ raised", out, re.M), out
     assert "fc1 (Linear) failed on input [1, 1014]" in out
     assert "total params: 13,570" in out  # %summary
-    steps = re.findall(r"^net: step (\d+)\nloss: [\d.]+ +grad norm: [\d.]+ +lr: ([\d.e-]+)$", out, re.M)
-    assert steps == [("1", "0.01"), ("2", "0.001")], out  # the two %%trainstep cells, as text
+    steps = re.findall(r"^net: step (\d+)\nloss: [\d.]+ +grad norm: [\d.]+ .*lr: ([\d.e-]+)$", out, re.M)
+    assert steps == [("1", "0.01"), ("2", "0.001"), ("3", "0.001")], out  # the %%trainstep cells, as text
+    assert "trainable: 13,510   frozen: 60" in out  # %freeze net --except fc1, then %summary
+    assert re.search(r"^suggested lr: [\d.e-]+: ", out, re.M), out  # the sweep, everything undone
 
 
 @pytest.fixture
@@ -92,12 +94,12 @@ def test_interactive_prompt_shows_text_tables_and_steps(ipython):
     for line in ["%%trainstep net optimizer", "out = net(input)", "criterion(out, y)", "", ""]:
         ipython.type(line)
     screen = ipython.wait_for(r"^In \[8\]:")
-    assert re.search(r"^net: step 1\nloss: [\d.]+ +grad norm: [\d.]+ +lr: 0.01$", screen, re.M), screen
+    assert re.search(r"^net: step 1\nloss: [\d.]+ +grad norm: [\d.]+ .*lr: 0.01$", screen, re.M), screen
 
     for line in ["%%trainstep net optimizer --lr 1e-3", "criterion(net(input), y)", "", ""]:
         ipython.type(line)
     screen = ipython.wait_for(r"^In \[9\]:")
-    assert re.search(r"^net: step 2\nloss: [\d.]+ +grad norm: [\d.]+ +lr: 0.001$", screen, re.M), screen
+    assert re.search(r"^net: step 2\nloss: [\d.]+ +grad norm: [\d.]+ .*lr: 0.001$", screen, re.M), screen
     check_text_only(screen)
 
     # A mistake: one line that says what to do, and the next prompt.
@@ -124,7 +126,7 @@ def test_jupyter_console_shows_the_step_as_text(jupyter_home):
         for line in ["%%trainstep net optimizer", "out = net(input)", "criterion(out, y)", "", ""]:
             term.type(line)
         screen = term.wait_for(r"^In \[6\]:")
-        assert re.search(r"^net: step 1\nloss: [\d.]+ +grad norm: [\d.]+ +lr: 0.01$", screen, re.M), screen
+        assert re.search(r"^net: step 1\nloss: [\d.]+ +grad norm: [\d.]+ .*lr: 0.01$", screen, re.M), screen
         assert "Traceback" not in screen and "Error" not in screen
         if hasattr(__import__("torchmagic.ui").ui.TrainStepPanel, "_repr_mimebundle_"):
             assert "VBox(" not in screen, screen  # the panel's own text/plain, not the widget's repr
