@@ -224,9 +224,9 @@ class ParamSummary(Result):
             f"trainable: {render.count(self.trainable)}   frozen: {render.count(self.frozen)}",
             f"param size: {render.nbytes(self.param_bytes)}   buffer size: {render.nbytes(self.buffer_bytes)}",
         ]
-        if self.mult_adds is not None:
+        if self.mult_adds is not None and self.flops is None:
             lines.append(f"mult-adds: {render.count(self.mult_adds)}")
-        if self.flops is not None:
+        if self.flops is not None:  # counted by torch's formulas, attention too: torchinfo's mult-adds are not shown beside it
             lines.append(f"FLOPs: {si(self.flops)} (attention included)   activations: {render.nbytes(self.activation_bytes)}")
         return lines
 
