@@ -12,6 +12,7 @@ import sys
 import weakref
 
 import numpy as np
+import pytest
 import torch
 from torch.nn.modules import module as nn_module
 
@@ -281,3 +282,16 @@ def collectable(ip, names: list[str], target) -> list[str]:
     holders = [type(r).__name__ for r in gc.get_referrers(obj) if r is not sys._getframe()]
     del obj
     return [f"still alive, referred to by {', '.join(sorted(set(holders))[:6])}"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def young_heap_only():
+    """Import this fixture into a test module (autouse there): the objects that exist when the
+    module starts (torch, IPython, dynamo: some 300,000) move to the collector's permanent
+    generation, so that each gc.collect (IPython's reset calls one per shell, `collectable` one
+    per check) scans only what the tests made: 0.3 s less per collection. Everything made after,
+    models and shells included, is collected as usual; the weakref checks are unaffected."""
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from IPython.core.error import UsageError
 
 from conftest import NET_SOURCE, requires_cuda
-from snapshot import diff, snapshot
+from snapshot import diff, snapshot, young_heap_only  # noqa: F401  (an autouse fixture)
 from torchmagic.errors import TorchMagicError
 from torchmagic.parsing import MAX_INPUT_ELEMENTS, looks_like_shape, parse_shape, split_line
 
@@ -70,7 +70,10 @@ MISTAKES = [
     ("option-depth-not-int", "%shapes net 1,1,32,32 --depth x", "invalid int value"),
     ("option-depth-missing", "%shapes net 1,1,32,32 --depth", "expected one argument"),
     ("option-depth-negative", "%shapes net --depth -1 1,1,32,32", "--depth -1 is negative"),
-    ("option-model-missing", "%shapes --depth 1", "required: model"),
+    pytest.param("option-model-missing", "%shapes --depth 1", "give the model", marks=pytest.mark.xfail(
+        strict=True, reason="magics.py: %shapes' model argument is optional (nargs='?', for the %%shapes cell "
+                            "form), and the line form then evaluates None: 'evaluating None raised TypeError: "
+                            "eval() arg 1 must be a string...', which names no model and says nothing to do")),
     # %summary
     ("summary-nothing", "%summary", "give the model"),
     ("summary-unknown", "%summary nosuch", "'nosuch' is not defined"),
@@ -102,11 +105,12 @@ MISTAKES = [
     ("step-class-as-optimizer", "%%trainstep net torch.optim.SGD\n" + LOSS, "not a torch.optim.Optimizer"),
     ("step-foreign-optimizer", "%%trainstep net other\n" + LOSS, "holds none of net's parameters"),
     ("step-parameterless-model", "%%trainstep criterion optimizer\n" + LOSS, "holds none of criterion's parameters"),
-    ("step-lr-negative", "%%trainstep net optimizer --lr -1\n" + LOSS, "--lr -1.0 is not a positive"),
-    ("step-lr-zero", "%%trainstep net optimizer --lr 0\n" + LOSS, "is not a positive learning rate"),
-    ("step-lr-inf", "%%trainstep net optimizer --lr inf\n" + LOSS, "is not a positive learning rate"),
-    ("step-lr-nan", "%%trainstep net optimizer --lr nan\n" + LOSS, "is not a positive learning rate"),
-    ("step-lr-text", "%%trainstep net optimizer --lr abc\n" + LOSS, "invalid float value"),
+    ("step-lr-negative", "%%trainstep net optimizer --lr -1\n" + LOSS, "--lr -1: give positive learning rates, e.g. --lr 0.01"),
+    ("step-lr-zero", "%%trainstep net optimizer --lr 0\n" + LOSS, "--lr 0: give positive learning rates"),
+    ("step-lr-inf", "%%trainstep net optimizer --lr inf\n" + LOSS, "--lr inf: give positive learning rates"),
+    ("step-lr-nan", "%%trainstep net optimizer --lr nan\n" + LOSS, "--lr nan: give positive learning rates"),
+    ("step-lr-text", "%%trainstep net optimizer --lr abc\n" + LOSS, "--lr abc: give positive learning rates"),
+    ("step-lr-one-bad-of-two", "%%trainstep net optimizer --lr 0.01,-1\n" + LOSS, "--lr 0.01,-1: give positive"),
     ("step-option-unknown", "%%trainstep net optimizer --bogus\n" + LOSS, "unrecognized arguments"),
     # %%trainstep: the body
     ("step-empty-body", "%%trainstep net optimizer", "the cell body is empty"),

@@ -18,7 +18,7 @@ import torch
 from IPython.core.error import UsageError
 
 from safety_zoo import MAGICS, PRELUDE, STEP, ZOO, known_gap, matrix_params
-from snapshot import CHECKS, _part, _values, by_check, collectable, diff, snapshot
+from snapshot import CHECKS, _part, _values, by_check, collectable, diff, snapshot, young_heap_only  # noqa: F401  (an autouse fixture)
 
 WEAKREF = "weakref dies"
 OUTCOME = "outcome"  # a result, or the expected refusal as one UsageError line: never another exception
@@ -34,6 +34,8 @@ def _by_hand(ns: dict, magic, zoo) -> dict:
     body (its last expression is the loss), backward, optimizer.step()."""
     rng = torch.random.get_rng_state()
     model, opt = copy.deepcopy((ns["model"], ns["opt"]))
+    for original, twin in zip(ns["model"].parameters(), model.parameters()):  # deepcopy leaves .grad behind
+        twin.grad = None if original.grad is None else original.grad.clone()
     local = dict(ns, model=model, opt=opt)
     if magic.hand.startswith(STEP):
         tree = ast.parse(zoo.loss)
@@ -90,7 +92,7 @@ def _hand_checks(before: dict, after: dict, hand: dict) -> dict[str, list[str]]:
 
 def _cell(result: list[str] | None, name: str) -> str:
     if result is None:
-        return "n/a: the magic writes parameters in place by design"
+        return "n/a: the magic writes parameters in place by design (--sweep: and puts them back)"
     if name == "CUDA RNG" and not torch.cuda.is_available():
         return "n/a: no CUDA here"
     return "ok" if not result else "FAIL: " + ", ".join(result[:4])
@@ -116,6 +118,8 @@ def test_matrix(shell, magic, zoo):
         shell.text(run.result)  # renders as text and HTML without raising
         shell.html(run.result)
     checks = _hand_checks(before, after, hand) if hand is not None else by_check(before, after)
+    if magic.restores_in_place and not refusal:
+        checks["autograd versions"] = None
     ref = weakref.ref(model)
     del model, opt, run, error  # the result stays in Out: it must not hold the model
     checks[WEAKREF] = collectable(ip, created, ref)

@@ -19,6 +19,13 @@ def _torchinfo_layers(model: nn.Module, args: tuple | None, kwargs: dict, name: 
 
     cache_key = type(model).__name__
     had, previous = cache_key in ti._cached_forward_pass, ti._cached_forward_pass.get(cache_key)
+
+    def uncache():  # torchinfo caches every forward pass by class name, which keeps the model alive
+        if had:
+            ti._cached_forward_pass[cache_key] = previous
+        else:
+            ti._cached_forward_pass.pop(cache_key, None)
+
     try:
         with model_preserved(model):
             if args is None:
@@ -40,11 +47,11 @@ def _torchinfo_layers(model: nn.Module, args: tuple | None, kwargs: dict, name: 
         mult_adds = stats.total_mult_adds if args is not None else None
         del stats
     finally:
-        # torchinfo caches every forward pass by class name, which keeps the model alive.
-        if had:
-            ti._cached_forward_pass[cache_key] = previous
-        else:
-            ti._cached_forward_pass.pop(cache_key, None)
+        try:
+            uncache()
+        except KeyboardInterrupt:  # Ctrl-C landed before the entry was gone: take it out, then let it through
+            uncache()
+            raise
     return layers, mult_adds
 
 

@@ -12,7 +12,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import explain, fake
 from .errors import TorchMagicError
-from .guard import model_preserved
+from .guard import interrupts_deferred, model_preserved
 from .inputs import ShapeSpec, build_call, first_leaf, model_device_dtype
 from .parsing import format_shape
 from .results import ShapeFailure, ShapeRow, ShapeTrace
@@ -119,12 +119,16 @@ class Recorder:
         self.flops = 0
         self.activation_bytes = 0
         self.busy = False  # inside our own hooks: ignore the ops they make
+        # The row of a call that just returned to our global hook while the module's own forward
+        # hooks (run after the global ones) are still to come: an error now is raised in them.
+        self.hooks_pending: int | None = None
 
     def _name(self, module) -> str:
         return self.names.get(id(module), type(module).__name__)
 
     def pre(self, module, args):
         self.busy = True
+        self.hooks_pending = None
         try:
             row = ShapeRow(name=self._name(module), cls=type(module).__name__, depth=len(self.stack),
                            inputs=describe_call(args, {}), outputs="", dtype=first_dtype(args),
@@ -140,6 +144,7 @@ class Recorder:
 
     def post(self, module, args, kwargs, output):
         self.busy = True
+        self.hooks_pending = None
         try:
             # Pop to this module's call; anything above it raised and was caught inside a forward.
             while self.stack:
@@ -149,6 +154,8 @@ class Recorder:
                     row.inputs = describe_call(args, kwargs)
                     row.outputs, row.status = describe(output), "ok"
                     row.dtype = first_dtype(output) or row.dtype
+                    if module._forward_hooks:
+                        self.hooks_pending = index
                     break
                 self.rows[index].status = "failed"
         finally:
@@ -164,6 +171,7 @@ class Recorder:
             return
         if not _has_tensor((args, kwargs)):
             return
+        self.hooks_pending = None
         self.busy = True
         try:
             self.rows.append(ShapeRow(
@@ -205,6 +213,12 @@ class Recorder:
             within = f"{self.rows[last_open].name} ({self.rows[last_open].cls})" if self.stack else ""
             return ShapeFailure(module=row.name, cls="op", inputs=row.inputs, error=message, explanation=why, fix=fix,
                                 within=within)
+        if self.hooks_pending is not None:
+            row = self.rows[self.hooks_pending]
+            row.status = "failed"
+            return ShapeFailure(module=row.name, cls=row.cls, inputs=row.inputs, error=message,
+                                explanation=f"a forward hook registered on {row.name} raised after its forward returned",
+                                fix="fix the hook, or remove it (its handle's .remove())")
         if not self.stack:
             return ShapeFailure(module="(outside any module)", cls="", inputs="", error=message)
         module, index, args = self.stack[-1]
@@ -243,8 +257,9 @@ def recording(recorder: Recorder, *, ops: bool = True, count: bool = True):
     """Global module hooks, the op recorder and the FLOP counter, all removed on exit."""
     handles = []
     try:
-        handles.append(nn_module.register_module_forward_pre_hook(recorder.pre))
-        handles.append(nn_module.register_module_forward_hook(recorder.post, with_kwargs=True))
+        with interrupts_deferred():  # a Ctrl-C between registering and keeping the handle would leave the hook
+            handles.append(nn_module.register_module_forward_pre_hook(recorder.pre))
+            handles.append(nn_module.register_module_forward_hook(recorder.post, with_kwargs=True))
         with contextlib.ExitStack() as modes:
             if ops:
                 modes.enter_context(_Ops(recorder))
@@ -252,8 +267,17 @@ def recording(recorder: Recorder, *, ops: bool = True, count: bool = True):
                 modes.enter_context(fake.Counter(recorder.count))
             yield recorder
     finally:
-        for h in handles:
-            h.remove()
+        # A Ctrl-C can land on the call that sets up the deferral: then remove again, whole, and let
+        # it through (remove() is idempotent). A helper function would be one more call to land on.
+        try:
+            with interrupts_deferred():
+                for h in handles:
+                    h.remove()
+        except KeyboardInterrupt:
+            with interrupts_deferred():
+                for h in handles:
+                    h.remove()
+            raise
 
 
 # ---------------------------------------------------------------- %shapes MODEL INPUT
