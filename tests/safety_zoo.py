@@ -148,9 +148,7 @@ with torch.device("meta"):
     model = {_CNN}
 """ + _opt(), "2,3,8,8", "model(torch.randn(2, 3, 8, 8, device='meta'))",
              "model(torch.randn(2, 3, 8, 8, device='meta')).pow(2).mean()",
-             refused={"trainstep*": "meta", "device_move": "meta", "shapes_real": "use --mode meta"},
-             xfail={"trainstep*": "training.py: the loss of a meta model has no value; float(loss) raises RuntimeError "
-                                 "inside torchmagic instead of a UsageError that refuses meta models"}),
+             refused={"trainstep*": "meta", "device_move": "meta", "shapes_real": "use --mode meta"}),
     ZooModel("compiled", f"inner = {_CNN}.train()\nmodel = torch.compile(inner, backend='eager')\n" + _opt(),
              "2,3,8,8", "model(torch.randn(2, 3, 8, 8))", "model(torch.randn(2, 3, 8, 8)).pow(2).mean()",
              xfail={m: "calling the compiled wrapper makes dynamo compile it (a new graph, under no_grad) and "

@@ -70,10 +70,7 @@ MISTAKES = [
     ("option-depth-not-int", "%shapes net 1,1,32,32 --depth x", "invalid int value"),
     ("option-depth-missing", "%shapes net 1,1,32,32 --depth", "expected one argument"),
     ("option-depth-negative", "%shapes net --depth -1 1,1,32,32", "--depth -1 is negative"),
-    pytest.param("option-model-missing", "%shapes --depth 1", "give the model", marks=pytest.mark.xfail(
-        strict=True, reason="magics.py: %shapes' model argument is optional (nargs='?', for the %%shapes cell "
-                            "form), and the line form then evaluates None: 'evaluating None raised TypeError: "
-                            "eval() arg 1 must be a string...', which names no model and says nothing to do")),
+    ("option-model-missing", "%shapes --depth 1", "give the model"),
     # %summary
     ("summary-nothing", "%summary", "give the model"),
     ("summary-unknown", "%summary nosuch", "'nosuch' is not defined"),

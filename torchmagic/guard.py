@@ -74,11 +74,16 @@ def interrupts_deferred():
             previous(signal.SIGINT, None)  # Python's handler raises KeyboardInterrupt here
 
 
+_MISSING = object()
+
+
 @contextlib.contextmanager
 def model_preserved(model: nn.Module):
-    """Modes of every submodule, every buffer and the RNG are restored on exit,
-    also when the body raises or is interrupted."""
+    """Modes of every submodule, every buffer, the RNG and each module's own attributes (the objects
+    bound, e.g. an RNN's _flat_weights list that swapping in fake parameters rebuilds) are restored
+    on exit, also when the body raises or is interrupted."""
     modes = [(m, m.training) for m in model.modules()]
+    attributes = [(m, dict(vars(m))) for m in model.modules()]
     buffers = BufferState(model)
     rng = RngState()
 
@@ -87,6 +92,13 @@ def model_preserved(model: nn.Module):
         buffers.restore()
         for m, training in modes:
             m.training = training
+        for m, saved in attributes:
+            now = vars(m)
+            for key in [k for k in now if k not in saved]:
+                del now[key]
+            for key, value in saved.items():
+                if now.get(key, _MISSING) is not value:
+                    now[key] = value
 
     try:
         yield

@@ -282,6 +282,8 @@ class TorchMagics(Magics):
         if not line.strip():
             raise TorchMagicError("give the model and its input, e.g. %shapes net 1,1,32,32")
         args = self._parse(self.shapes, line)
+        if args.model is None:  # optional in the parser only for the %%shapes cell form
+            raise TorchMagicError("give the model and its input, e.g. %shapes net 1,1,32,32")
         model = self._module(args.model)
         return tracing.trace_shapes(model, self._inputs(args.inputs), name=args.model, mode=args.mode or self.shape_mode,
                                     depth=args.depth, ops=args.ops)

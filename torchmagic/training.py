@@ -16,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import signal
-import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -26,7 +24,7 @@ import torch
 from torch import nn
 
 from .errors import TorchMagicError
-from .guard import RngState
+from .guard import RngState, interrupts_deferred
 from .results import ParamStep, StepResult, SweepPoint, SweepResult, UndoResult
 
 _MISSING = object()
@@ -37,6 +35,9 @@ def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 
 def check_pair(model: nn.Module, optimizer: torch.optim.Optimizer, model_name: str, opt_name: str) -> None:
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise TorchMagicError(f"{model_name} has parameters on the meta device, which hold no values to train: "
+                              f"give it real weights first, e.g. {model_name}.to_empty(device='cpu') and load_state_dict")
     held = {id(p) for p in optimizer_params(optimizer)}
     if not any(id(p) in held for p in model.parameters()):
         raise TorchMagicError(f"{opt_name} holds none of {model_name}'s parameters; "
@@ -61,22 +62,6 @@ def check_loss(loss) -> torch.Tensor:
         raise TorchMagicError(f"the cell's last expression is a Python {type(loss).__name__} ({loss:.4g}), not a tensor; "
                               f"{end} (not loss.item())")
     raise TorchMagicError(f"the cell's last expression is a {type(loss).__name__}, not a loss tensor; {end}")
-
-
-@contextlib.contextmanager
-def interrupts_deferred():
-    """Ctrl-C waits until the block is done, then reaches the user: a restore is never left half done."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if received:
-            raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------- checkpoints
