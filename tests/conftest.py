@@ -1,6 +1,8 @@
 """A fresh real IPython shell per test, with torchmagic loaded, and the reference notes' network."""
 from __future__ import annotations
 
+import atexit
+
 import pytest
 import torch
 from IPython.core.error import UsageError
@@ -87,6 +89,9 @@ def shell():
     yield Shell(ip)
     ip.run_line_magic("unload_ext", "torchmagic")
     ip.reset(new_session=False)
+    # Each shell registers its own exit work (a reset and a full garbage collection) with atexit:
+    # hundreds of test shells would spend minutes on it after the last test. This one is done.
+    atexit.unregister(ip.atexit_operations)
     InteractiveShell.clear_instance()
 
 
