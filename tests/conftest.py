@@ -102,6 +102,21 @@ def notes(shell):
     return shell
 
 
+def start_inprocess_kernel():
+    """A real in-process ipykernel that has answered one request through its client, so it has a
+    parent message as in a notebook: ipywidgets' Output routes displays by it (ipywidgets 7 reads
+    it directly and fails without one)."""
+    from ipykernel.inprocess.manager import InProcessKernelManager
+
+    manager = InProcessKernelManager()
+    manager.start_kernel()
+    client = manager.client()
+    client.start_channels()
+    client.execute("pass")
+    client.get_shell_msg(timeout=30)
+    return manager
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 

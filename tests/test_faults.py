@@ -24,7 +24,7 @@ import pytest
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
-from conftest import Shell
+from conftest import Shell, start_inprocess_kernel
 from snapshot import clear_last_error, collectable, diff, snapshot, young_heap_only  # noqa: F401  (an autouse fixture)
 
 os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")  # the in-process kernel imports debugpy
@@ -220,11 +220,9 @@ def test_nan_skips_the_step(shell, stage, says):
 def _kernel_manager():
     """A real in-process ipykernel, started once for this module."""
     from ipykernel.inprocess.ipkernel import InProcessInteractiveShell
-    from ipykernel.inprocess.manager import InProcessKernelManager
 
     InteractiveShell.clear_instance()
-    manager = InProcessKernelManager()
-    manager.start_kernel()
+    manager = start_inprocess_kernel()
     manager.kernel.shell.run_line_magic("load_ext", "torchmagic")
     yield manager
     manager.kernel.shell.run_line_magic("unload_ext", "torchmagic")

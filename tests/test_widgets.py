@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from conftest import NET_SOURCE
+from conftest import NET_SOURCE, start_inprocess_kernel
 from snapshot import diff, optimizer_snapshot, snapshot
 from test_trainstep import BN_NET
 from torchmagic.results import StepResult, SweepResult, UndoResult
@@ -31,16 +31,7 @@ class Kernel:
 
 @pytest.fixture
 def kernel():
-    from ipykernel.inprocess.manager import InProcessKernelManager
-
-    km = InProcessKernelManager()
-    km.start_kernel()
-    # One request through the kernel's client, so the kernel has a parent message (as it has in a
-    # notebook) for ipywidgets' Output to route displays to (ipywidgets 7 reads it directly).
-    client = km.client()
-    client.start_channels()
-    client.execute("pass")
-    client.get_shell_msg(timeout=30)
+    km = start_inprocess_kernel()
     ip = km.kernel.shell
     ip.run_line_magic("load_ext", "torchmagic")
     k = Kernel(ip)
