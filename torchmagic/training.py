@@ -269,6 +269,8 @@ def _update_norms(params: list[torch.Tensor], before: list[torch.Tensor]) -> tup
     updates: list[torch.Tensor] = []
     with torch.no_grad():
         if all(p.device.type == "cpu" for p in params):
+            if sum(p.numel() for p in params) <= 1 << 20:  # 4 MB of float32 in all: foreach kernels, no Python loop
+                return _norms(torch._foreach_sub([p.detach() for p in params], before)), _norms(before)
             olds = []
             for p, b in zip(params, before):
                 a, b = p.detach().reshape(-1), b.reshape(-1)
