@@ -51,10 +51,7 @@ ZOO = [
     # The parent trains, its BatchNorm is frozen in eval mode (fine-tuning): tools that restore only the
     # root's mode bring the BatchNorm back in train mode.
     ZooModel("eval_bn_child", f"model = {_CNN}.train()\nmodel[1].eval()\n" + _opt(), "2,3,8,8",
-             "model(torch.randn(2, 3, 8, 8))", "model(torch.randn(2, 3, 8, 8)).pow(2).mean()",
-             xfail={"summary_input": "summary.py runs torchinfo with mode='train', which puts the eval BatchNorm "
-                                     "in train mode for the forward: its running stats are written and copied back, "
-                                     "bumping their autograd versions (a pending backward then fails)"}),
+             "model(torch.randn(2, 3, 8, 8))", "model(torch.randn(2, 3, 8, 8)).pow(2).mean()"),
     ZooModel("dropout_train", "model = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.5), nn.Linear(16, 2)).train()\n"
              + _opt(), "4,8", "model(torch.randn(4, 8))", "model(torch.randn(4, 8)).pow(2).mean()"),
     ZooModel("frozen_layer", f"model = {_MLP}\nmodel[0].requires_grad_(False)\n" + _opt(), "4,8",
@@ -83,9 +80,7 @@ class Masked(nn.Module):
         return self.proj(x) * mask
 model = Masked()
 batch = {"x": torch.randn(4, 8), "mask": torch.ones(4, 4)}
-""" + _opt(), "batch", "model(**batch)", "model(**batch).pow(2).mean()",
-             xfail={"summary_input": "summary.py passes a dict input to torchinfo.summary as **kwargs, where a key "
-                                     "named x collides with torchinfo's own parameter: TypeError inside torchmagic"}),
+""" + _opt(), "batch", "model(**batch)", "model(**batch).pow(2).mean()"),
     ZooModel("tuple_output", """
 class Two(nn.Module):
     def __init__(self):
@@ -117,9 +112,7 @@ class WithOutput(nn.Module):
         h = self.a(x)
         return Output(logits=h.softmax(-1), hidden=h)
 model = WithOutput()
-""" + _opt(), "4,8", "model(torch.randn(4, 8))", "model(torch.randn(4, 8)).hidden.pow(2).mean()",
-             xfail={"summary_input": "summary.py: torchinfo fails on a dataclass output and its RuntimeError "
-                                     "escapes as a traceback from inside torchmagic"}),
+""" + _opt(), "4,8", "model(torch.randn(4, 8))", "model(torch.randn(4, 8)).hidden.pow(2).mean()"),
     ZooModel("namedtuple_output", """
 Pair = collections.namedtuple("Pair", "mean logvar")
 class Gaussian(nn.Module):
@@ -151,14 +144,10 @@ with torch.device("meta"):
              refused={"trainstep*": "meta", "device_move": "meta", "shapes_real": "use --mode meta"}),
     ZooModel("compiled", f"inner = {_CNN}.train()\nmodel = torch.compile(inner, backend='eager')\n" + _opt(),
              "2,3,8,8", "model(torch.randn(2, 3, 8, 8))", "model(torch.randn(2, 3, 8, 8)).pow(2).mean()",
-             xfail={m: "calling the compiled wrapper makes dynamo compile it (a new graph, under no_grad) and "
-                       "tag its parameters (_dynamo_static_input_type): trace the original module instead "
-                       "(unwrap OptimizedModule)"
-                    for m in ("summary_input",)}
-             | {"trainstep_sweep": "--sweep runs the user's cell, which calls the compiled wrapper: dynamo compiles "
-                                   "it and tags its parameters (_dynamo_static_input_type), as the cell run by hand "
-                                   "does (or not, when dynamo reuses a graph compiled earlier in the process: "
-                                   "hence not strict); the matrix has no by-hand form of a sweep to compare"}),
+             xfail={"trainstep_sweep": "--sweep runs the user's cell, which calls the compiled wrapper: dynamo "
+                                       "compiles it and tags its parameters (_dynamo_static_input_type), as the cell "
+                                       "run by hand does (or not, when dynamo reuses a graph compiled earlier in the "
+                                       "process: hence not strict); the matrix has no by-hand form of a sweep to compare"}),
     ZooModel("data_parallel", f"model = nn.DataParallel({_CNN}.train())\n" + _opt(), "2,3,8,8",
              "model(torch.randn(2, 3, 8, 8))", "model(torch.randn(2, 3, 8, 8)).pow(2).mean()"),
 ]

@@ -129,7 +129,7 @@ def test_summary_with_input_and_promises(notes):
     model = notes.ns["bn_net"]
     before = snapshot(model)
     s = notes.run("%summary bn_net 2,1,32,32")
-    assert s.row("4").output == "[2, 2]" and s.mult_adds > 0
+    assert s.row("4").output == "[2, 2]" and s.flops > 0
     assert diff(before, snapshot(model)) == []
 
 
@@ -162,6 +162,30 @@ def test_summary_frozen_and_no_model_kept_alive(notes):
     notes.ip.displayhook.flush()
     gc.collect()
     assert ref() is None
+
+
+def test_summary_with_input_uses_the_shapes_trace(shell):
+    """torchinfo's own forward fails on these (a dict key named x, a dataclass output) or changes the
+    model; the output column comes from %shapes' trace, which also counts the calls."""
+    shell.run("import dataclasses, torch, torch.nn as nn\n"
+              "@dataclasses.dataclass\n"
+              "class Out:\n"
+              "    logits: torch.Tensor\n"
+              "class Masked(nn.Module):\n"
+              "    def __init__(self):\n"
+              "        super().__init__()\n"
+              "        self.proj, self.spare = nn.Linear(8, 8), nn.Linear(2, 2)\n"
+              "    def forward(self, x, mask):\n"
+              "        return Out(self.proj(self.proj(x)) * mask)\n"
+              "model = Masked()\n"
+              "batch = {'x': torch.randn(4, 8), 'mask': torch.ones(4, 8)}")
+    for name in ("model", "torch.compile(model, backend='eager')"):
+        s = shell.run(f"%summary {name} batch")
+        proj = next(r for r in s.rows if r.name.endswith("proj"))
+        spare = next(r for r in s.rows if r.name.endswith("spare"))
+        assert s.rows[0].output == "Out(logits=[4, 8])" and proj.output == "[4, 8]"
+        assert proj.note == "called 2x (weights shared)" and spare.note == "not called by forward" and not spare.output
+        assert s.total == 78 and s.flops == 2 * 2 * 4 * 8 * 8
 
 
 def test_summary_failing_forward_is_one_line(notes):

@@ -251,8 +251,7 @@ def test_each_check_catches_its_violation(shell, column):
 @pytest.mark.parametrize("magic", [
     "%shapes model 2,3,8,8",
     "%summary model",
-    pytest.param("%summary model 2,3,8,8", marks=pytest.mark.xfail(strict=True, reason=next(
-        z.xfail["summary_input"] for z in ZOO if z.id == "eval_bn_child"))),
+    "%summary model 2,3,8,8",
     "%device",
     "%device cpu model",
 ])

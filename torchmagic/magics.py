@@ -314,7 +314,7 @@ class TorchMagics(Magics):
 
     @magic_arguments()
     @argument("model", help="the model: a name or expression from your namespace")
-    @argument("inputs", nargs="*", help="optional input (shape or expression) for output shapes and mult-adds")
+    @argument("inputs", nargs="*", help="optional input for output shapes and FLOPs: a shape like 1,1,32,32 or an expression")
     @argument("--depth", type=int, default=None, help="show modules up to this nesting depth (model = 0)")
     @line_magic
     @usage_errors
@@ -322,14 +322,13 @@ class TorchMagics(Magics):
         """Parameters per layer, trainable and frozen, totals (tied weights counted once).
 
             %summary net
-            %summary net 1,1,32,32          # with output shapes and mult-adds
+            %summary net 1,1,32,32          # with each layer's output shape and the FLOPs
         """
         if not line.strip():
             raise TorchMagicError("give the model, e.g. %summary net")
         args = self._parse(self.summary, line)
         model = self._module(args.model)
-        call_args, call_kwargs = build_call(model, self._inputs(args.inputs)) if args.inputs else (None, None)
-        return summary.param_summary(model, name=args.model, args=call_args, kwargs=call_kwargs, depth=args.depth)
+        return summary.param_summary(model, name=args.model, values=self._inputs(args.inputs), depth=args.depth)
 
     # ------------------------------------------------------------ %%trainstep
 

@@ -193,9 +193,8 @@ class ParamSummary(Result):
     trainable: int
     param_bytes: int
     buffer_bytes: int
-    mult_adds: int | None = None
     notes: list[str] = field(default_factory=list)
-    flops: int | None = None  # FLOPs of one forward with the input, counted on fake/meta tensors
+    flops: int | None = None  # FLOPs of one forward with the input (%shapes' trace: fake/meta where a real one costs)
     activation_bytes: int = 0
 
     @property
@@ -224,9 +223,7 @@ class ParamSummary(Result):
             f"trainable: {render.count(self.trainable)}   frozen: {render.count(self.frozen)}",
             f"param size: {render.nbytes(self.param_bytes)}   buffer size: {render.nbytes(self.buffer_bytes)}",
         ]
-        if self.mult_adds is not None and self.flops is None:
-            lines.append(f"mult-adds: {render.count(self.mult_adds)}")
-        if self.flops is not None:  # counted by torch's formulas, attention too: torchinfo's mult-adds are not shown beside it
+        if self.flops is not None:  # counted by torch's formulas, attention too
             lines.append(f"FLOPs: {si(self.flops)} (attention included)   activations: {render.nbytes(self.activation_bytes)}")
         return lines
 

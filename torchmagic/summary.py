@@ -4,16 +4,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import fake
-from .guard import model_preserved
-from .results import ParamRow, ParamSummary
 from .errors import TorchMagicError
-from .parsing import format_shape
-from .tracing import trace_shapes
+from .guard import model_preserved
+from .results import ParamRow, ParamSummary, ShapeTrace
+from .tracing import module_names, trace_shapes, unwrap
 
 
-def _torchinfo_layers(model: nn.Module, args: tuple | None, kwargs: dict, name: str):
-    """torchinfo's rows, with its cache entry and its root-only mode restore undone."""
+def _torchinfo_layers(model: nn.Module):
+    """torchinfo's rows (no forward: only the module tree), with its cache entry undone."""
     import torchinfo
     from torchinfo import torchinfo as ti
 
@@ -28,23 +26,8 @@ def _torchinfo_layers(model: nn.Module, args: tuple | None, kwargs: dict, name: 
 
     try:
         with model_preserved(model):
-            if args is None:
-                stats = torchinfo.summary(model, verbose=0)
-            else:
-                # input_data (not input_size) keeps torchinfo from moving the model or drawing from the RNG.
-                try:
-                    stats = torchinfo.summary(
-                        model, input_data=list(args), verbose=0, mode="train" if model.training else "eval", **kwargs
-                    )
-                except Exception:
-                    failure = trace_shapes(model, _values(args, kwargs), name=name, mode="real").failure
-                    if failure is None:
-                        raise
-                    raise TorchMagicError(f"the forward failed in {failure.module} ({failure.cls}) on input "
-                                          f"{failure.inputs}: {failure.error}; %shapes {name} with the same input "
-                                          f"shows every call up to there") from None
-        layers = [(layer.module, layer.depth, layer.output_size, layer.executed) for layer in stats.summary_list]
-        mult_adds = stats.total_mult_adds if args is not None else None
+            stats = torchinfo.summary(model, verbose=0)
+        layers = [(layer.module, layer.depth) for layer in stats.summary_list]
         del stats
     finally:
         try:
@@ -52,20 +35,28 @@ def _torchinfo_layers(model: nn.Module, args: tuple | None, kwargs: dict, name: 
         except KeyboardInterrupt:  # Ctrl-C landed before the entry was gone: take it out, then let it through
             uncache()
             raise
-    return layers, mult_adds
+    return layers
 
 
-def _values(args: tuple, kwargs: dict) -> list:
-    return [kwargs] if kwargs else [tuple(args)]
-
-
-def _flops(model: nn.Module, args: tuple, kwargs: dict, name: str) -> tuple[int | None, int]:
-    """FLOPs and activation bytes of one forward, counted on fake (or meta) tensors: no compute."""
-    if fake.UNAVAILABLE:
-        return None, 0
-    mode = "meta" if any(p.device.type == "meta" and not fake.is_fake(p) for p in model.parameters()) else "fake"
-    trace = trace_shapes(model, _values(args, kwargs), name=name, mode=mode)
-    return (trace.flops, trace.activation_bytes) if trace.ok else (None, 0)
+def _calls(model: nn.Module, values: list, name: str) -> tuple[dict[int, list[str]], ShapeTrace]:
+    """Each module's outputs, one per call, from %shapes' own trace (fake or meta where a real forward
+    would cost, so no compute; never torchinfo's forward, which writes the running stats of an eval
+    BatchNorm, passes a dict input as its own keyword arguments and fails on dataclass outputs)."""
+    trace = trace_shapes(model, values, name=name, mode="auto")
+    if trace.failure is not None:
+        f = trace.failure
+        why = "; ".join(p for p in (f.error, f.explanation, f.fix) if p)
+        raise TorchMagicError(f"the forward failed in {f.module} ({f.cls}) on input {f.inputs}: {why}; "
+                              f"%shapes {name} with the same input shows every call up to there")
+    inner, inner_name, _ = unwrap(model, name)
+    ids = {qual: mid for mid, qual in module_names(inner, inner_name).items()}
+    outputs: dict[int, list[str]] = {}
+    for r in trace.rows:
+        if r.name in ids:
+            outputs.setdefault(ids[r.name], []).append(r.outputs)
+    if trace.rows and inner is not model:
+        outputs[id(model)] = [trace.rows[0].outputs]  # the wrapper (torch.compile, DataParallel) gave what it wraps gave
+    return outputs, trace
 
 
 def _trainable(params: list[torch.nn.Parameter]) -> str:
@@ -75,9 +66,10 @@ def _trainable(params: list[torch.nn.Parameter]) -> str:
     return "partly" if len(flags) == 2 else ("yes" if flags == {True} else "frozen")
 
 
-def param_summary(model: nn.Module, *, name: str, args: tuple | None = None, kwargs: dict | None = None,
-                  depth: int | None = None) -> ParamSummary:
-    layers, mult_adds = _torchinfo_layers(model, args, kwargs or {}, name)
+def param_summary(model: nn.Module, *, name: str, values: list | None = None, depth: int | None = None) -> ParamSummary:
+    """values: the input as %shapes takes it (shapes and objects); with it, each module's output and the FLOPs."""
+    layers = _torchinfo_layers(model)
+    outputs, trace = _calls(model, values, name) if values else ({}, None)
     names: dict[int, str] = {}
     for qual, m in model.named_modules(remove_duplicate=False):
         names.setdefault(id(m), qual or name)
@@ -88,7 +80,7 @@ def param_summary(model: nn.Module, *, name: str, args: tuple | None = None, kwa
     seen: set[int] = set()
     seen_modules: set[int] = set()
     rows = []
-    for module, layer_depth, output_size, executed in layers:
+    for module, layer_depth in layers:
         first_visit = id(module) not in seen_modules
         seen_modules.add(id(module))
         own = list(module.parameters(recurse=False))
@@ -97,17 +89,21 @@ def param_summary(model: nn.Module, *, name: str, args: tuple | None = None, kwa
         seen.update(id(p) for p in own)
         note = "; ".join(f"{n} tied to {param_names[id(p)]}" for n, p in module.named_parameters(recurse=False)
                          if id(p) in tied)
+        calls = outputs.get(id(module), [])
+        if len(calls) > 1:
+            note = "; ".join(filter(None, [note, f"called {len(calls)}x (weights shared)"]))
+        elif values and not calls and module is not model:
+            note = "; ".join(filter(None, [note, "not called by forward"]))
         if not first_visit:
-            note = "called again (weights shared)"
+            note = "the same module again (weights shared)"
         if depth is not None and layer_depth > depth:
             continue
-        output = format_shape(output_size) if executed and output_size and isinstance(output_size[0], int) else ""
+        output = calls[0] if calls else ""
         rows.append(ParamRow(name=names.get(id(module), type(module).__name__), cls=type(module).__name__,
                              depth=layer_depth, params=sum(p.numel() for p in new) if first_visit else 0,
                              trainable=_trainable(own), output=output, note=note))
 
     unique = {id(p): p for p in model.parameters()}.values()  # parameters() yields a tied weight once
-    flops, activation_bytes = _flops(model, args, kwargs or {}, name) if args is not None else (None, 0)
     return ParamSummary(
         model=name,
         rows=rows,
@@ -115,7 +111,7 @@ def param_summary(model: nn.Module, *, name: str, args: tuple | None = None, kwa
         trainable=sum(p.numel() for p in unique if p.requires_grad),
         param_bytes=sum(p.numel() * p.element_size() for p in unique),
         buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
-        mult_adds=mult_adds,
-        flops=flops,
-        activation_bytes=activation_bytes,
+        flops=trace.flops if trace is not None else None,
+        activation_bytes=trace.activation_bytes if trace is not None else 0,
+        notes=[f"outputs and FLOPs: {trace.mode} mode ({trace.why})"] if trace is not None else [],
     )
