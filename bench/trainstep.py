@@ -153,8 +153,7 @@ def main():
                 loss.backward()
                 opt.step()
 
-            session = training.StepSession(model, opt, lambda: criterion(model(x), y), None, model_name="model",
-                                           ledger=training.StepLedger())
+            session = training.StepSession(model, opt, lambda: criterion(model(x), y), None, model_name="model")
             t_hand, t_core, m_hand, m_core = interleaved(hand, session.step, reps)
             cell = "—"
             if not args.no_cell:

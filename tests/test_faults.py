@@ -268,18 +268,20 @@ def test_fault_in_widget_step(kernel, stage, exc):
     assert panel.result.stepped and diff(before, snapshot(model, opt)) != []
 
 
-@pytest.mark.xfail(strict=True, reason="ui.py: the widget panel's Step closure holds the model and the optimizer, "
-                   "and IPython's Out keeps the panel: every model trained with %%trainstep in a notebook stays in "
-                   "memory (hold them by weakref and say so when the model is gone)")
 def test_widget_panel_does_not_keep_the_model(kernel):
+    """Out and the widget registry keep the panel; it holds the model and optimizer weakly, and a
+    click after they are gone is one line."""
     import weakref
 
     from snapshot import collectable
 
     kernel.run(FAULTY)
-    kernel.run(STEP_CELL)
+    panel = kernel.run(STEP_CELL)
     ref = weakref.ref(kernel.ns["model"])
     assert collectable(kernel.ip, ["model", "opt", "FAULT"], ref) == []
+    panel.click()
+    assert "was deleted or its name rebound: run the %%trainstep cell again" in panel.error
+    assert panel.undo_button.disabled
 
 
 # ---------------------------------------------------------------- Ctrl-C at every line

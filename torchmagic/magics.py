@@ -376,8 +376,7 @@ class TorchMagics(Magics):
                                   f"give one, or one per group")
         body, evaluate = self._loss_body(cell)
         widget = self.widgets and not args.no_widget and ui.has_widget_frontend(self.shell)
-        ledger = self._ledgers.setdefault(optimizer, training.StepLedger())
-        session = training.StepSession(model, optimizer, body, evaluate, model_name=args.model, ledger=ledger,
+        session = training.StepSession(model, optimizer, body, evaluate, model_name=args.model, ledgers=self._ledgers,
                                        keep_undo=widget)
         call = functools.partial(_user_call, body.filename)
         if rates is not None:

@@ -500,12 +500,43 @@ class StepLedger:
 
 
 class StepSession:
-    """The model, optimizer and cell of one %%trainstep, and what can be done with them."""
+    """The model, optimizer and cell of one %%trainstep, and what can be done with them.
+
+    The model and the optimizer are held weakly, and the ledger through `ledgers` (optimizer ->
+    StepLedger, weak keys): a notebook panel that lives on (in Out, in the widget registry) keeps
+    neither a deleted model nor the copies of its undo point."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, body: Callable[[], object],
-                 evaluate: Callable[[], object], *, model_name: str, ledger: StepLedger, keep_undo: bool = False):
-        self.model, self.optimizer, self.body, self.evaluate = model, optimizer, body, evaluate
-        self.model_name, self.ledger, self.keep_undo = model_name, ledger, keep_undo
+                 evaluate: Callable[[], object], *, model_name: str,
+                 ledgers: weakref.WeakKeyDictionary | None = None, keep_undo: bool = False):
+        self._model, self._optimizer = weakref.ref(model), weakref.ref(optimizer)
+        self._ledgers = ledgers if ledgers is not None else weakref.WeakKeyDictionary()
+        self._ledgers.setdefault(optimizer, StepLedger())
+        self.body, self.evaluate, self.model_name, self.keep_undo = body, evaluate, model_name, keep_undo
+
+    def _alive(self, ref):
+        obj = ref()
+        if obj is None:
+            raise TorchMagicError(f"the model or optimizer of this %%trainstep ({self.model_name}) was deleted or its "
+                                  f"name rebound: run the %%trainstep cell again to train what the names hold now")
+        return obj
+
+    @property
+    def model(self) -> nn.Module:
+        return self._alive(self._model)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self._alive(self._optimizer)
+
+    @property
+    def ledger(self) -> StepLedger:
+        return self._ledgers[self.optimizer]
+
+    @property
+    def ledger_if_alive(self) -> StepLedger | None:
+        optimizer = self._optimizer()
+        return None if optimizer is None or self._model() is None else self._ledgers.get(optimizer)
 
     @property
     def lrs(self) -> list[float]:

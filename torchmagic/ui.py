@@ -126,8 +126,10 @@ class TrainStepPanel:
             self._show(result)
 
     def _refresh(self):
-        self.undo_button.disabled = self.session.ledger.undo is None
-        self.plot.value = history_svg(self.session.ledger.history)
+        ledger = self.session.ledger_if_alive  # None once the model or optimizer is gone
+        self.undo_button.disabled = ledger is None or ledger.undo is None
+        if ledger is not None:
+            self.plot.value = history_svg(ledger.history)
 
     def _show(self, result):
         from IPython.display import display
