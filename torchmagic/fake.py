@@ -148,27 +148,50 @@ if TorchDispatchMode is not None:
         def __init__(self, on_op):
             super().__init__()
             self.on_op = on_op
-            self.fresh: dict = {}  # op -> whether it returns new tensors (not views or in-place results)
+            self.ops: dict = {}  # op -> (whether it returns new tensors, not views or in-place results; its formula)
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             __tracebackhide__ = True  # noqa: F841  tracebacks of the user's code do not show this frame
             kwargs = kwargs or {}
             out = func(*args, **kwargs)
-            fresh = self.fresh.get(func)
-            if fresh is None:
-                fresh = self.fresh[func] = all(r.alias_info is None for r in func._schema.returns)
-            packet = func._overloadpacket
-            formula = flop_registry.get(packet)
-            flops = 0
-            if formula is not None:
-                flops = formula(*args, **kwargs, out_val=out)
-            elif packet is _SDPA_CPU:  # the CPU attention kernel is missing from torch's table
-                flops = sdpa_flop_count(args[0].shape, args[1].shape, args[2].shape)
+            known = self.ops.get(func)
+            if known is None:
+                packet = func._overloadpacket
+                formula = flop_registry.get(packet)
+                if formula is None and packet is _SDPA_CPU:  # the CPU attention kernel is missing from torch's table
+                    formula = _sdpa_cpu_flops
+                known = self.ops[func] = (all(r.alias_info is None for r in func._schema.returns), formula)
+            fresh, formula = known
+            flops = _flops(formula, args, kwargs, out) if formula is not None else 0
             nbytes = 0
             if fresh:
                 nbytes = out.numel() * out.element_size() if isinstance(out, torch.Tensor) else _nbytes(out)
             if flops or nbytes:
                 self.on_op(int(flops), nbytes)
             return out
+
+    def _sdpa_cpu_flops(*args, out_val=None, **kwargs):
+        return sdpa_flop_count(args[0].shape, args[1].shape, args[2].shape)
+
+    def _shape(v):
+        if isinstance(v, torch.Tensor):
+            return v.shape
+        if isinstance(v, (list, tuple)) and any(isinstance(x, torch.Tensor) for x in v):
+            raise LookupError  # nested tensors: torch's own wrapper maps them
+        return v
+
+    def _flops(formula, args, kwargs, out) -> int:
+        """torch's formula on shapes. Its wrapper maps every argument with pytree on every call, which
+        costs more than the formula: flat arguments (matmul, conv, attention) are mapped here."""
+        raw = getattr(formula, "__wrapped__", None)
+        if raw is not None and isinstance(out, torch.Tensor):
+            try:
+                shaped = [_shape(a) for a in args]
+                shaped_kw = {k: _shape(v) for k, v in kwargs.items()}
+            except LookupError:
+                pass
+            else:
+                return raw(*shaped, out_shape=out.shape, **shaped_kw)
+        return formula(*args, **kwargs, out_val=out)
 else:
     Counter = None
