@@ -86,8 +86,9 @@ class TorchMagics(Magics):
         name = ("%%" if cell_only else "%") + magic.__name__
         tokens = split_line(line)
         try:
-            try:
-                args = magic.parser.parse_intermixed_args(tokens)  # options may come between model and input
+            try:  # options may come between model and input; intermixed parsing costs more, so only with options
+                options = any(t[:1] == "-" for t in tokens)
+                args = magic.parser.parse_intermixed_args(tokens) if options else magic.parser.parse_args(tokens)
             except TypeError:  # argparse cannot intermix this parser's arguments
                 args = magic.parser.parse_args(tokens)
         except UsageError as e:
