@@ -8,10 +8,7 @@ import threading
 import torch
 from torch import nn
 
-
-def has_data(t: torch.Tensor) -> bool:
-    return t.device.type != "meta" and not isinstance(t, torch._subclasses.FakeTensor)
-
+from .fake import has_data
 
 class RngState:
     """The global torch RNGs: CPU and every initialised CUDA device."""
