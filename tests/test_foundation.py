@@ -5,7 +5,6 @@ import weakref
 
 import pytest
 import torch
-from IPython.core.error import UsageError
 
 from snapshot import diff, snapshot
 

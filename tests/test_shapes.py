@@ -1,5 +1,4 @@
 """%shapes through a real shell: rows per call, inputs of every kind, failures, and the promises."""
-import torch
 
 from snapshot import diff, snapshot
 

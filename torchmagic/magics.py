@@ -21,7 +21,7 @@ from traitlets import Bool, Enum, Int
 from . import devices, finetune, memory, summary, tracing, training, ui
 from .compat import running_cell_number
 from .errors import TorchMagicError
-from .inputs import ShapeSpec, build_call
+from .inputs import ShapeSpec
 from .parsing import looks_like_shape, parse_shape, split_line
 from .render import nbytes as render_size
 from .results import MemoryHistory, MemoryStatus
