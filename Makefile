@@ -93,7 +93,8 @@ clean:
 GPU_WHEELS := ipython==9.18.1 ipython-pygments-lexers==1.1.1 pygments==2.21.0 jedi==0.20.1 parso==0.8.7 \
 	matplotlib-inline==0.2.2 pexpect==4.9.0 ptyprocess==0.7.0 prompt-toolkit==3.0.53 wcwidth==0.9.4 \
 	stack-data==0.6.3 executing==2.3.0 asttokens==3.0.2 pure-eval==0.2.4 traitlets==5.16.1 psutil==7.2.2 \
-	ipywidgets==8.1.9 comm==0.2.3 widgetsnbextension==4.0.16 jupyterlab-widgets==3.0.17 torchinfo==1.8.0
+	ipywidgets==8.1.9 comm==0.2.3 widgetsnbextension==4.0.16 jupyterlab-widgets==3.0.17 torchinfo==1.8.0 \
+	hypothesis==6.155.7 attrs==26.1.0 sortedcontainers==2.4.0
 
 gpu-wheels:
 	rm -rf .whl && mkdir -p .whl

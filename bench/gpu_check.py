@@ -22,18 +22,20 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkout's torchmagic
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))
 
 import torch  # noqa: E402
 from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
 from IPython.utils.capture import capture_output  # noqa: E402
-from traitlets.config import Config  # noqa: E402
+
+from memory import new_shell  # noqa: E402  bench/memory.py
+from test_cuda import count_syncs  # noqa: E402  tests/test_cuda.py: what the sync test counts
 
 MB = 1 << 20
 CUDA = torch.cuda.is_available()
@@ -49,7 +51,7 @@ def run_tests() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         xml = Path(tmp) / "junit.xml"
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda",
-               "--continue-on-collection-errors", f"--junitxml={xml}", "tests"]
+               "--continue-on-collection-errors", f"--junitxml={xml}", "tests", "--ignore=tests/frontend"]
         start = time.perf_counter()
         shown = " ".join(c for c in cmd[2:] if not c.startswith("--junitxml"))
         try:
@@ -78,15 +80,6 @@ def run_tests() -> dict:
 # ---------------------------------------------------------------- a shell for the benchmarks
 
 
-def new_shell() -> InteractiveShell:
-    InteractiveShell.clear_instance()
-    config = Config()
-    config.HistoryManager.hist_file = ":memory:"
-    ip = InteractiveShell.instance(config=config)
-    ip.run_line_magic("load_ext", "torchmagic")
-    return ip
-
-
 def run(ip: InteractiveShell, code: str):
     with capture_output():  # results and lines are formatted as usual, not printed
         result = ip.run_cell(code, store_history=True)
@@ -103,14 +96,7 @@ def sync():
 MODELS = {
     # The reference notes' network: tiny, so the magic's own work dominates.
     "notes Net, batch 64": '''
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 6, 3)
-        self.fc1 = nn.Linear(1350, 10)
-    def forward(self, x):
-        x = F.relu(F.max_pool2d(F.relu(self.conv1(x)), 2))
-        return self.fc1(x.view(x.size(0), -1))
+from trainstep import Net  # bench/trainstep.py
 net = Net().to(device)
 x = torch.randn(64, 1, 32, 32, device=device)
 y = torch.randn(64, 10, device=device)
@@ -139,19 +125,6 @@ HAND_STEP = "optimizer.zero_grad()\nloss = criterion(net(x), y)\nloss.backward()
 
 
 # ---------------------------------------------------------------- host synchronisations
-
-
-def count_syncs(fn) -> int:
-    """Host synchronisations CUDA reports while fn runs (torch's sync debug mode warns on each)."""
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def syncs_per_step() -> dict:
@@ -306,7 +279,7 @@ def main():
         print("running the CUDA tests...", flush=True)
         summary["tests"] = run_tests()
     if not args.no_bench:
-        import memory as memory_bench  # bench/memory.py
+        import memory as memory_bench
 
         print("running the benchmarks...", flush=True)
         device = "cuda" if CUDA else "cpu"

@@ -21,7 +21,7 @@ from traitlets.config import Config  # noqa: E402
 from torchmagic import memory  # noqa: E402
 
 
-def _shell() -> InteractiveShell:
+def new_shell() -> InteractiveShell:
     InteractiveShell.clear_instance()
     config = Config()
     config.HistoryManager.hist_file = ":memory:"
@@ -31,7 +31,7 @@ def _shell() -> InteractiveShell:
 
 
 def measure(cells: int = 1000, rounds: int = 9, cuda: bool = False) -> dict:
-    ip = _shell()
+    ip = new_shell()
     ip.run_cell("import torch\nx = 0")
     if cuda:
         ip.run_cell("torch.zeros(1, device='cuda')")
