@@ -264,7 +264,7 @@ def test_trainstep_interrupt_reaches_user_and_changes_nothing(notes):
 
 @pytest.mark.parametrize("cell, expected", [
     ("%%trainstep net optimizer\n", "the cell body is empty"),  # IPython's own check
-        ("%%trainstep net optimizer\n# only a comment", "the cell is empty"),
+    ("%%trainstep net optimizer\n# only a comment", "the cell is empty"),
     ("%%trainstep net optimizer\nloss = criterion(net(input), y)", "last line must be the loss expression"),
     ("%%trainstep net input\ncriterion(net(input), y)", "not a torch.optim.Optimizer"),
     ("%%trainstep input optimizer\ncriterion(net(input), y)", "not a torch.nn.Module"),

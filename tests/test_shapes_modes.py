@@ -71,14 +71,19 @@ def test_mode_errors_are_one_line(shell):
     assert "invalid choice" in shell.usage_error("%shapes on_meta 1,1,32,32 --mode fast")
 
 
+def run_counting_allocations(shell, line):
+    """The magic's result and the bytes of CPU tensor memory allocated while it ran (torch profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = shell.run(line)
+    return result, sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
+
+
 def test_resnet50_at_batch_16_allocates_no_activations(shell):
     torch.manual_seed(0)
     model = zoo.resnet50()
     bind(shell, model=model)
     before = snapshot(model)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        t = shell.run("%shapes model 16,3,224,224")
-    allocated = sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
+    t, allocated = run_counting_allocations(shell, "%shapes model 16,3,224,224")
     assert t.mode == "fake" and t.ok
     assert t.rows[-1].name == "fc" and t.rows[-1].outputs == "[16, 1000]"
     assert t.row("layer4").outputs == "[16, 2048, 7, 7]"
@@ -93,9 +98,7 @@ def test_gpt2_small_with_real_weights_at_seq_1024(shell):
     gpt = zoo.GPT()
     bind(shell, gpt=gpt)
     before = snapshot(gpt)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        t = shell.run("%shapes gpt 1,1024")
-    allocated = sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
+    t, allocated = run_counting_allocations(shell, "%shapes gpt 1,1024")
     assert t.mode == "fake" and t.ok and allocated < 1e6
     assert t.row("h.11").outputs == "[1, 1024, 768]" and t.row("lm_head").outputs == "[1, 1024, 50257]"
     assert t.params == 124_439_808  # the head is tied to wte: counted once

@@ -1,10 +1,8 @@
-"""The small input syntax of the magics: shapes, dtypes, devices, argument lines. Pure."""
+"""The small input syntax of the magics: shapes and argument lines. Pure."""
 from __future__ import annotations
 
 import re
 import unicodedata
-
-import torch
 
 from .errors import TorchMagicError
 
@@ -14,15 +12,6 @@ MAX_INPUT_ELEMENTS = 2**31
 _SHAPE_CHARS = re.compile(r"^[\s\d,()\[\]x.eE+\-_]+$")
 _OPEN = "([{"
 _CLOSE = ")]}"
-
-DTYPES = {
-    name: getattr(torch, name)
-    for name in (
-        "float32 float float64 double float16 half bfloat16 "
-        "int64 long int32 int int16 short int8 uint8 bool"
-    ).split()
-}
-
 
 def split_line(line: str) -> list[str]:
     """Split on whitespace outside brackets and quotes, so `torch.randn(1, 3)` stays one token."""
@@ -95,13 +84,6 @@ def parse_shape(text: str) -> tuple[int, ...]:
             f"shape {text.strip()} has {numel:,} elements, too many to allocate; use a smaller shape"
         )
     return tuple(dims)
-
-
-def parse_dtype(text: str) -> torch.dtype:
-    name = text.strip().removeprefix("torch.")
-    if name not in DTYPES:
-        raise TorchMagicError(f"unknown dtype {text!r}: use one of {', '.join(sorted(DTYPES))}")
-    return DTYPES[name]
 
 
 def format_shape(shape) -> str:

@@ -5,37 +5,16 @@ import torch
 from torch import nn
 
 from .errors import TorchMagicError
-from .guard import model_preserved
 from .results import ParamRow, ParamSummary, ShapeTrace
-from .tracing import module_names, trace_shapes, unwrap
+from .tracing import module_names, param_names, trace_shapes, unwrap
 
 
-def _torchinfo_layers(model: nn.Module):
-    """torchinfo's rows (no forward: only the module tree), with its cache entry undone."""
+def _torchinfo_layers(model: nn.Module) -> list[tuple[nn.Module, int]]:
+    """torchinfo's rows: each module and its depth. Without an input torchinfo runs no forward,
+    registers no hook, changes no mode and caches nothing (the safety matrix checks it)."""
     import torchinfo
-    from torchinfo import torchinfo as ti
 
-    cache_key = type(model).__name__
-    had, previous = cache_key in ti._cached_forward_pass, ti._cached_forward_pass.get(cache_key)
-
-    def uncache():  # torchinfo caches every forward pass by class name, which keeps the model alive
-        if had:
-            ti._cached_forward_pass[cache_key] = previous
-        else:
-            ti._cached_forward_pass.pop(cache_key, None)
-
-    try:
-        with model_preserved(model):
-            stats = torchinfo.summary(model, verbose=0)
-        layers = [(layer.module, layer.depth) for layer in stats.summary_list]
-        del stats
-    finally:
-        try:
-            uncache()
-        except KeyboardInterrupt:  # Ctrl-C landed before the entry was gone: take it out, then let it through
-            uncache()
-            raise
-    return layers
+    return [(layer.module, layer.depth) for layer in torchinfo.summary(model, verbose=0).summary_list]
 
 
 def _calls(model: nn.Module, values: list, name: str) -> tuple[dict[int, list[str]], ShapeTrace]:
@@ -70,12 +49,7 @@ def param_summary(model: nn.Module, *, name: str, values: list | None = None, de
     """values: the input as %shapes takes it (shapes and objects); with it, each module's output and the FLOPs."""
     layers = _torchinfo_layers(model)
     outputs, trace = _calls(model, values, name) if values else ({}, None)
-    names: dict[int, str] = {}
-    for qual, m in model.named_modules(remove_duplicate=False):
-        names.setdefault(id(m), qual or name)
-    param_names: dict[int, str] = {}
-    for qual, p in model.named_parameters(remove_duplicate=False):
-        param_names.setdefault(id(p), qual)
+    names, params_named = module_names(model, name), param_names(model)
 
     seen: set[int] = set()
     seen_modules: set[int] = set()
@@ -87,7 +61,7 @@ def param_summary(model: nn.Module, *, name: str, values: list | None = None, de
         new = [p for p in own if id(p) not in seen]
         tied = {id(p) for p in own if id(p) in seen} if first_visit else set()
         seen.update(id(p) for p in own)
-        note = "; ".join(f"{n} tied to {param_names[id(p)]}" for n, p in module.named_parameters(recurse=False)
+        note = "; ".join(f"{n} tied to {params_named[id(p)]}" for n, p in module.named_parameters(recurse=False)
                          if id(p) in tied)
         calls = outputs.get(id(module), [])
         if len(calls) > 1:

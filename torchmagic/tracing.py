@@ -90,6 +90,14 @@ def module_names(model: nn.Module, root: str, prefix: bool = False) -> dict[int,
     return names
 
 
+def param_names(model: nn.Module) -> dict[int, str]:
+    """id -> the first qualified name of each parameter (a tied weight has several)."""
+    names: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), name)
+    return names
+
+
 def namespace_names(ns: dict) -> dict[int, str]:
     """Qualified names of every module reachable from the user's variables; the shortest wins."""
     names: dict[int, str] = {}

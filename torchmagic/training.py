@@ -26,6 +26,7 @@ from torch import nn
 from .errors import TorchMagicError
 from .guard import RngState, interrupts_deferred
 from .results import ParamStep, StepResult, SweepPoint, SweepResult, UndoResult
+from .tracing import param_names
 
 _MISSING = object()
 
@@ -371,13 +372,6 @@ def _evaluate_after(evaluate: Callable[[], object], rng_before: RngState, model:
         rng_after.restore()
 
 
-def _param_names(model: nn.Module) -> dict[int, str]:
-    names = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), n)
-    return names
-
-
 def _nonfinite_grads(params: list[torch.Tensor], names: dict[int, str]) -> list[str]:
     return [names.get(id(p), "(a parameter outside the model)") for p in params
             if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
@@ -400,7 +394,7 @@ def run_step(model: nn.Module, optimizer: torch.optim.Optimizer, body: Callable[
     gradients are checked before the step, so a skipped step never touches the optimizer."""
     tx = Transaction(model, optimizer, model_name, recycle, on_recycle)
     ck = tx.checkpoint
-    names = _param_names(model)
+    names = param_names(model)
     checked = False
     early_norms = None
     try:
