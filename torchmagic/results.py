@@ -35,18 +35,68 @@ def si(n: float) -> str:
     return str(n)
 
 
+class _ModuleTable(Result):
+    """A row per module, as a tree: names relative to their parent's (the full name on hover and
+    in the result), tables that fit the terminal or the output column, and in the short view of a
+    long table identical blocks folded into one row with their total. `str()`/`print()` shows
+    every row with every full name and value."""
+
+    columns: list[str]
+    numeric: set[int]
+    squeeze: set[int]  # columns whose long values are elided to fit
+
+    def _tree(self) -> list[render.TreeRow]:
+        raise NotImplementedError
+
+    def _merge(self, blocks: list[render.TreeRow], label: str) -> render.TreeRow:
+        raise NotImplementedError
+
+    def _table_text(self, short: bool) -> tuple[str, str]:
+        """The table, and what a short view left out ("" when it shows everything)."""
+        tree = self._tree()
+        view = render.short_view(tree, self._merge) if short else None
+        if not short:
+            return render.text_table(self.columns, render.tree_cells(tree, full=True), self.numeric), ""
+        rows, what = view if view else (tree, "")
+        table = render.text_table(self.columns, render.tree_cells(rows), self.numeric, width=render.text_width(),
+                                  squeeze=self.squeeze)
+        return table, f"{what}: print() the result shows every row in full" if what else ""
+
+    def _table_html(self) -> str:
+        tree = self._tree()
+        view = render.short_view(tree, self._merge)
+        short = None
+        if view is not None:
+            rows, what = view
+            short = (render.tree_cells(rows), [r.css for r in rows], [r.name for r in rows], what)
+        return render.html_table(self.columns, render.tree_cells(tree), self.numeric, [r.css for r in tree],
+                                 titles=[r.name for r in tree], squeeze=self.squeeze, short=short)
+
+    def _repr_pretty_(self, p, cycle):
+        p.text(self.to_text(short=True))
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+    def __repr__(self) -> str:
+        return self.to_text(short=True)
+
+
 @dataclass
 class ShapeRow:
-    name: str
+    name: str  # qualified: "transformer.h.0.attn"
     cls: str
     depth: int
-    inputs: str
+    inputs: str  # condensed, as tables show it: no None arguments, model outputs' tensor fields only
     outputs: str
     dtype: str
-    params: int
+    params: int  # the module's own
     status: str = "ok"  # ok | failed (the module that raised) | open (a parent of it)
     flops: int = 0  # of this call, its submodules included
-    kind: str = "module"  # module | op (a tensor operation in the user's code, shown with --ops)
+    kind: str = "module"  # module | op (a tensor operation in the user's code)
+    full_inputs: str = ""  # every argument, None ones too
+    full_outputs: str = ""
+    total_params: int = 0  # of the module and everything under it, tied weights once
 
 
 @dataclass
@@ -64,10 +114,14 @@ class ShapeFailure:
         """The explanation and the fix in one sentence, or torch's message when there is none."""
         return "; ".join(p for p in (self.explanation, self.fix) if p) or self.error
 
+    @property
+    def where(self) -> str:
+        """'fc1 (Linear)', 'view in net (Net)'."""
+        what = f"{self.module} ({self.cls})" if self.cls and self.cls != "op" else self.module
+        return what + (f" in {self.within}" if self.within else "")
+
     def lines(self) -> list[str]:
-        what = f"{self.module} ({self.cls})" if self.cls else self.module
-        what += f" in {self.within}" if self.within else ""
-        out = [f"{what} failed on input {self.inputs}" if self.inputs else f"{what} failed", f"  {self.error}"]
+        out = [f"{self.where} failed on input {self.inputs}" if self.inputs else f"{self.where} failed", f"  {self.error}"]
         if self.explanation:
             out.append(f"  why: {self.explanation}")
         if self.fix:
@@ -76,7 +130,21 @@ class ShapeFailure:
 
 
 @dataclass(repr=False)
-class ShapeTrace(Result):
+class ExplainedError(Result):
+    """Why a forward in the user's cell failed, shown above its traceback (%%trainstep, a Step click)."""
+
+    failure: ShapeFailure
+
+    def to_text(self) -> str:
+        return "\n".join(self.failure.lines())
+
+    def _repr_html_(self) -> str:
+        lines = self.failure.lines()
+        return render.html_block(lines[0], [], errors=lines[1:])
+
+
+@dataclass(repr=False)
+class ShapeTrace(_ModuleTable):
     model: str
     rows: list[ShapeRow]
     mode: str = "real"
@@ -88,6 +156,8 @@ class ShapeTrace(Result):
     activation_bytes: int = 0  # new tensors the forward made: about what training keeps for backward
     params: int = 0
     param_bytes: int = 0
+    attention: bool = False  # the forward ran an attention (its FLOPs are counted too)
+    hidden_ops: int = 0  # elementwise ops left out (--ops shows them)
 
     @property
     def ok(self) -> bool:
@@ -101,74 +171,96 @@ class ShapeTrace(Result):
         raise KeyError(name)
 
     @property
-    def columns(self) -> list[str]:
-        return ["module", "class", "input", "output", "dtype", "params"] + (["flops"] if self.flops is not None else [])
+    def _dtypes(self) -> set[str]:
+        return {r.dtype for r in self.rows if r.dtype}
 
-    def _cells(self):
-        out = []
-        for r in self.rows:
-            output = r.outputs if r.status == "ok" else ("✗ raised" if r.status == "failed" else "…")
-            cells = ["  " * r.depth + r.name, r.cls, r.inputs, output, r.dtype, render.count(r.params) if r.params else ""]
-            if self.flops is not None:
-                cells.append(si(r.flops) if r.flops else "")
-            out.append(cells)
-        return out
+    @property
+    def columns(self) -> list[str]:
+        dtype = ["dtype"] if len(self._dtypes) > 1 else []
+        return ["module", "class", "input", "output", *dtype, "params"] + (["flops"] if self.flops is not None else [])
+
+    @property
+    def numeric(self) -> set[int]:
+        return {i for i, c in enumerate(self.columns) if c in ("params", "flops")}
+
+    squeeze = {2, 3}
+
+    def _cells(self, r: ShapeRow, full: bool, cls: str = "", params: int | None = None, flops: int | None = None):
+        if r.status == "ok":
+            output = (r.full_outputs or r.outputs) if full else r.outputs
+        else:
+            output = "✗ raised" if r.status == "failed" else "…"
+        params = (r.total_params or r.params) if params is None else params
+        flops = r.flops if flops is None else flops
+        cells = [cls or r.cls, (r.full_inputs or r.inputs) if full else r.inputs, output]
+        if "dtype" in self.columns:
+            cells.append(r.dtype)
+        cells.append(render.count(params) if params else "")
+        if self.flops is not None:
+            cells.append((render.count(flops) if full else si(flops)) if flops else "")
+        return cells
+
+    def _tree(self) -> list[render.TreeRow]:
+        labels = render.labels([r.name for r in self.rows], [r.depth for r in self.rows])
+        return [render.TreeRow(name=r.name, label=label, depth=r.depth, cells=self._cells(r, False),
+                               full=self._cells(r, True), css=css, key=(r.cls, r.inputs, r.outputs, r.status, r.kind),
+                               source=r)
+                for r, label, css in zip(self.rows, labels, self._classes())]
+
+    def _merge(self, blocks: list[render.TreeRow], label: str) -> render.TreeRow:
+        first = blocks[0].source
+        params = sum(b.source.total_params or b.source.params for b in blocks)
+        flops = sum(b.source.flops for b in blocks)
+        cls = f"{first.cls} ×{len(blocks)}"
+        return render.TreeRow(name=f"{blocks[0].name} … {blocks[-1].name}", label=label, depth=first.depth,
+                              cells=self._cells(first, False, cls, params, flops),
+                              full=self._cells(first, True, cls, params, flops), css=blocks[0].css, source=first)
 
     def _title(self) -> str:
         calls = sum(1 for r in self.rows if r.kind == "module")
         ops = len(self.rows) - calls
-        what = f"{calls} module calls" + (f" and {ops} ops" if ops else "")
-        verb = "failed" if self.failure else "traced"
-        return f"{self.model}: {what} {verb} ({self.mode} mode)"
+        what = f"{calls} module call{'s' if calls != 1 else ''}" + (f" and {ops} op{'s' if ops != 1 else ''}" if ops else "")
+        if self.failure:
+            return f"{self.model}: {self.failure.where} failed; {what} traced up to it ({self.mode} mode)"
+        return f"{self.model}: {what} traced ({self.mode} mode)"
 
     def _totals(self) -> list[str]:
-        parts = []
-        if self.flops is not None:
-            parts.append(f"FLOPs: {si(self.flops)}")
-        if self.params:
-            parts.append(f"params: {render.count(self.params)} ({render.nbytes(self.param_bytes)})")
-        if self.activation_bytes:
-            parts.append(f"activations: {render.nbytes(self.activation_bytes)}")
-        return ["   ".join(parts)] if parts and not self.failure else []
+        parts = [f"dtype: {next(iter(self._dtypes))}"] if len(self._dtypes) == 1 else []
+        if not self.failure:
+            if self.flops is not None:
+                parts.append(f"FLOPs: {si(self.flops)}" + (" (attention included)" if self.attention else ""))
+            if self.params:
+                parts.append(f"params: {render.count(self.params)} ({render.nbytes(self.param_bytes)})")
+            if self.activation_bytes:
+                parts.append(f"activations: {render.nbytes(self.activation_bytes)}")
+        return ["   ".join(parts)] if parts else []
 
     def _notes(self) -> list[str]:
         notes = [f"{self.mode} mode: {self.why}"] if self.why and self.why != "asked for" else []
         notes += self.notes
         if self.hidden:
             notes.append(f"{self.hidden} deeper calls hidden by --depth")
+        if self.hidden_ops:
+            notes.append(f"{self.hidden_ops} elementwise ops (same shape in and out) not shown: --ops shows them")
         return notes
 
     def _classes(self) -> list[str]:
         return ["tm-fail" if r.status == "failed" else ("tm-dim" if r.status == "open" or r.kind == "op" else "")
                 for r in self.rows]
 
-    def to_text(self, fold: bool = False) -> str:
-        """Every row; with fold, a long table shows its shallow rows and says how to see all."""
-        cells, notes = self._cells(), self._notes()
-        folded = render.fold(cells, self._classes()) if fold else None
-        if folded:
-            keep, depth = folded
-            deepest = max(r.depth for r in self.rows)
-            notes.append(f"{len(keep)} of {len(cells)} rows, up to depth {depth}: print() the result or "
-                         f"--depth {deepest} shows all")
-            cells = [cells[i] for i in keep]
-        parts = [self._title(), render.text_table(self.columns, cells, numeric={5, 6})]
+    def to_text(self, short: bool = False) -> str:
+        """Every row, full names and values; short: what fits the terminal, a long table's short view."""
+        table, folded = self._table_text(short)
+        parts = [self._title()]
         if self.failure:
-            parts += ["", *self.failure.lines()]
-        parts += self._totals() + notes
-        return "\n".join(parts)
-
-    def _repr_pretty_(self, p, cycle):
-        p.text(self.to_text(fold=True))
-
-    def __str__(self) -> str:
-        return self.to_text()
+            parts += [*self.failure.lines(), ""]
+        parts += [table, *self._totals(), *self._notes()]
+        return "\n".join(parts + ([folded] if folded else []))
 
     def _repr_html_(self) -> str:
-        classes = self._classes()
-        table = render.html_table(self.columns, self._cells(), numeric={5, 6}, row_classes=classes)
         errors = self.failure.lines() if self.failure else []
-        return render.html_block(self._title(), [table], self._totals() + self._notes(), errors)
+        return render.html_block(self._title(), [self._table_html()], self._totals() + self._notes(), errors=errors,
+                                 errors_first=True)
 
 
 # ---------------------------------------------------------------- %summary
@@ -183,12 +275,19 @@ class ParamRow:
     trainable: str  # "yes", "frozen", "partly", or "" when the module holds no parameters
     output: str = ""
     note: str = ""
+    flops: int = 0  # of its calls, its submodules included (with an input)
+
+
+def _combined(states) -> str:
+    """yes + yes: yes; yes + frozen: partly."""
+    states = set(states) - {""}
+    return "" if not states else states.pop() if len(states) == 1 else "partly"
 
 
 @dataclass(repr=False)
-class ParamSummary(Result):
+class ParamSummary(_ModuleTable):
     model: str
-    rows: list[ParamRow]
+    rows: list[ParamRow]  # every module; `depth` limits what is shown
     total: int
     trainable: int
     param_bytes: int
@@ -196,6 +295,8 @@ class ParamSummary(Result):
     notes: list[str] = field(default_factory=list)
     flops: int | None = None  # FLOPs of one forward with the input (%shapes' trace: fake/meta where a real one costs)
     activation_bytes: int = 0
+    depth: int | None = None  # --depth: rows deeper than this are not shown (their parameters count in their parents')
+    attention: bool = False
 
     @property
     def frozen(self) -> int:
@@ -207,15 +308,58 @@ class ParamSummary(Result):
                 return r
         raise KeyError(name)
 
-    def _table(self):
-        with_output = any(r.output for r in self.rows)
-        columns = ["module", "class"] + (["output"] if with_output else []) + ["params", "trainable", "note"]
-        cells = []
-        for r in self.rows:
-            row = ["  " * r.depth + r.name, r.cls] + ([r.output] if with_output else [])
-            row += [render.count(r.params) if r.params else "", r.trainable, r.note]
-            cells.append(row)
-        return columns, cells, {len(columns) - 3}
+    def totals(self) -> list[tuple[int, str]]:
+        """Per row: the parameters of the module and everything under it (a tied weight once), and
+        whether they are trainable (yes, frozen, partly; "" when there are none)."""
+        out = [(r.params, {r.trainable} - {""}) for r in self.rows]
+        open_rows: list[int] = []
+        for i, r in enumerate(self.rows):
+            while open_rows and self.rows[open_rows[-1]].depth >= r.depth:
+                open_rows.pop()
+            for j in open_rows:
+                out[j] = (out[j][0] + r.params, out[j][1] | ({r.trainable} - {""}))
+            open_rows.append(i)
+        return [(n, _combined(states)) for n, states in out]
+
+    @property
+    def columns(self) -> list[str]:
+        output = ["output"] if any(r.output for r in self.rows) else []
+        flops = ["flops"] if self.flops is not None else []
+        return ["module", "class", *output, "params", *flops, "trainable", "note"]
+
+    @property
+    def numeric(self) -> set[int]:
+        return {i for i, c in enumerate(self.columns) if c in ("params", "flops")}
+
+    @property
+    def squeeze(self) -> set[int]:
+        return {i for i, c in enumerate(self.columns) if c in ("output", "note")}
+
+    def _cells(self, r: ParamRow, total: tuple[int, str], full: bool, cls: str = "", flops: int | None = None) -> list[str]:
+        flops = r.flops if flops is None else flops
+        total, trainable = total
+        cells = [cls or r.cls] + ([r.output] if "output" in self.columns else [])
+        cells.append(render.count(total) if total else "")
+        if self.flops is not None:
+            cells.append((render.count(flops) if full else si(flops)) if flops else "")
+        return cells + [trainable, r.note]
+
+    def _tree(self) -> list[render.TreeRow]:
+        shown = [(r, t) for r, t in zip(self.rows, self.totals()) if self.depth is None or r.depth <= self.depth]
+        labels = render.labels([r.name for r, _ in shown], [r.depth for r, _ in shown])
+        return [render.TreeRow(name=r.name, label=label, depth=r.depth, cells=self._cells(r, t, False),
+                               full=self._cells(r, t, True), css="tm-dim" if r.trainable == "frozen" else "",
+                               key=(r.cls, r.output, t, r.note), source=(r, t))
+                for (r, t), label in zip(shown, labels)]
+
+    def _merge(self, blocks: list[render.TreeRow], label: str) -> render.TreeRow:
+        first, _ = blocks[0].source
+        total = (sum(b.source[1][0] for b in blocks), _combined(b.source[1][1] for b in blocks))
+        flops = sum(b.source[0].flops for b in blocks)
+        cls = f"{first.cls} ×{len(blocks)}"
+        return render.TreeRow(name=f"{blocks[0].name} … {blocks[-1].name}", label=label, depth=first.depth,
+                              cells=self._cells(first, total, False, cls, flops),
+                              full=self._cells(first, total, True, cls, flops), css=blocks[0].css, source=(first, total))
 
     def _totals(self) -> list[str]:
         lines = [
@@ -223,19 +367,17 @@ class ParamSummary(Result):
             f"trainable: {render.count(self.trainable)}   frozen: {render.count(self.frozen)}",
             f"param size: {render.nbytes(self.param_bytes)}   buffer size: {render.nbytes(self.buffer_bytes)}",
         ]
-        if self.flops is not None:  # counted by torch's formulas, attention too
-            lines.append(f"FLOPs: {si(self.flops)} (attention included)   activations: {render.nbytes(self.activation_bytes)}")
+        if self.flops is not None:  # counted by torch's formulas
+            lines.append(f"FLOPs: {si(self.flops)}{' (attention included)' if self.attention else ''}   "
+                         f"activations: {render.nbytes(self.activation_bytes)}")
         return lines
 
-    def to_text(self) -> str:
-        columns, cells, numeric = self._table()
-        return "\n".join([self.model, render.text_table(columns, cells, numeric), *self._totals(), *self.notes])
+    def to_text(self, short: bool = False) -> str:
+        table, folded = self._table_text(short)
+        return "\n".join([self.model, table, *self._totals(), *self.notes] + ([folded] if folded else []))
 
     def _repr_html_(self) -> str:
-        columns, cells, numeric = self._table()
-        classes = ["tm-dim" if r.trainable == "frozen" else "" for r in self.rows]
-        table = render.html_table(columns, cells, numeric, classes)
-        return render.html_block(self.model, [table], self._totals() + self.notes)
+        return render.html_block(self.model, [self._table_html()], self._totals() + self.notes)
 
 
 # ---------------------------------------------------------------- %device

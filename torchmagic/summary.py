@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .errors import TorchMagicError
-from .results import ParamRow, ParamSummary, ShapeTrace
+from .results import ParamRow, ParamSummary, ShapeRow, ShapeTrace
 from .tracing import module_names, param_names, trace_shapes, unwrap
 
 
@@ -17,8 +17,8 @@ def _torchinfo_layers(model: nn.Module) -> list[tuple[nn.Module, int]]:
     return [(layer.module, layer.depth) for layer in torchinfo.summary(model, verbose=0).summary_list]
 
 
-def _calls(model: nn.Module, values: list, name: str) -> tuple[dict[int, list[str]], ShapeTrace]:
-    """Each module's outputs, one per call, from %shapes' own trace (fake or meta where a real forward
+def _calls(model: nn.Module, values: list, name: str) -> tuple[dict[int, list[ShapeRow]], ShapeTrace]:
+    """Each module's calls (output, FLOPs), from %shapes' own trace (fake or meta where a real forward
     would cost, so no compute; never torchinfo's forward, which writes the running stats of an eval
     BatchNorm, passes a dict input as its own keyword arguments and fails on dataclass outputs)."""
     trace = trace_shapes(model, values, name=name, mode="auto")
@@ -29,12 +29,12 @@ def _calls(model: nn.Module, values: list, name: str) -> tuple[dict[int, list[st
                               f"%shapes {name} with the same input shows every call up to there")
     inner, inner_name, _ = unwrap(model, name)
     ids = {qual: mid for mid, qual in module_names(inner, inner_name).items()}
-    outputs: dict[int, list[str]] = {}
+    outputs: dict[int, list[ShapeRow]] = {}
     for r in trace.rows:
-        if r.name in ids:
-            outputs.setdefault(ids[r.name], []).append(r.outputs)
+        if r.kind == "module" and r.name in ids:
+            outputs.setdefault(ids[r.name], []).append(r)
     if trace.rows and inner is not model:
-        outputs[id(model)] = [trace.rows[0].outputs]  # the wrapper (torch.compile, DataParallel) gave what it wraps gave
+        outputs[id(model)] = [trace.rows[0]]  # the wrapper (torch.compile, DataParallel) gave what it wraps gave
     return outputs, trace
 
 
@@ -70,12 +70,11 @@ def param_summary(model: nn.Module, *, name: str, values: list | None = None, de
             note = "; ".join(filter(None, [note, "not called by forward"]))
         if not first_visit:
             note = "the same module again (weights shared)"
-        if depth is not None and layer_depth > depth:
-            continue
-        output = calls[0] if calls else ""
+        output = calls[0].outputs if calls else ""
         rows.append(ParamRow(name=names.get(id(module), type(module).__name__), cls=type(module).__name__,
                              depth=layer_depth, params=sum(p.numel() for p in new) if first_visit else 0,
-                             trainable=_trainable(own), output=output, note=note))
+                             trainable=_trainable(own), output=output, note=note,
+                             flops=sum(c.flops for c in calls) if first_visit else 0))
 
     unique = {id(p): p for p in model.parameters()}.values()  # parameters() yields a tied weight once
     return ParamSummary(
@@ -88,4 +87,5 @@ def param_summary(model: nn.Module, *, name: str, values: list | None = None, de
         flops=trace.flops if trace is not None else None,
         activation_bytes=trace.activation_bytes if trace is not None else 0,
         notes=[f"outputs and FLOPs: {trace.mode} mode ({trace.why})"] if trace is not None else [],
+        depth=depth, attention=trace is not None and trace.attention,
     )

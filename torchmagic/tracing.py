@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.modules import module as nn_module
 from torch.overrides import TorchFunctionMode
 
-from . import explain, fake
+from . import explain, fake, render
 from .errors import TorchMagicError
 from .guard import interrupts_deferred, model_preserved
 from .inputs import ShapeSpec, build_call, first_leaf, model_device_dtype
@@ -22,28 +22,69 @@ MODES = ("auto", "real", "fake", "meta")
 REAL_LIMIT = 1_000_000  # auto runs a real forward below this many parameters and input elements (on CPU)
 
 
-def describe(value, depth: int = 0) -> str:
-    """A short text of the shapes inside value: tensors as [1, 6, 30, 30], containers nested."""
+def _fields(value) -> list[tuple[str, object]] | None:
+    """The named fields of a model output (ModelOutput, a dataclass, a namedtuple); None for anything else."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [(f.name, getattr(value, f.name, None)) for f in dataclasses.fields(value)]
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return list(zip(value._fields, value))
+    return None
+
+
+def _cache_size(value) -> str | None:
+    """'DynamicCache (2 layers)' for a key/value cache (a Transformers Cache or alike); None otherwise."""
+    name = type(value).__name__
+    if not name.endswith("Cache") or isinstance(value, (torch.Tensor, dict, list, tuple)):
+        return None
+    try:
+        return f"{name} ({len(value)} layers)"
+    except Exception:  # no length: the class name alone
+        return name
+
+
+def _worth_showing(value, depth: int = 0) -> bool:
+    """Condensed values keep what has a shape: tensors, caches, and containers holding them."""
+    if isinstance(value, torch.Tensor) or _cache_size(value) is not None:
+        return True
+    if depth > 3 or value is None:
+        return False
+    fields = _fields(value)
+    items = [v for _, v in fields] if fields is not None else (
+        list(value.values()) if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [])
+    return any(_worth_showing(v, depth + 1) for v in items)
+
+
+def describe(value, depth: int = 0, full: bool = False) -> str:
+    """A short text of the shapes inside value: tensors as [1, 6, 30, 30], containers nested.
+
+    Condensed (the default, what tables show): a 0-d tensor reads `scalar`, a model output shows
+    its tensor fields only (`logits [1, 16, 128]`), a cache its size (`DynamicCache (2 layers)`),
+    None fields are left out. `full=True`: everything, None included (the result keeps both)."""
     if isinstance(value, torch.Tensor):
-        return format_shape(value.shape)
+        return "scalar" if value.dim() == 0 and not full else format_shape(value.shape)
     if depth > 3:
         return "…"
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        inner = ", ".join(f"{f.name}={describe(getattr(value, f.name), depth + 1)}" for f in dataclasses.fields(value))
-        return f"{type(value).__name__}({inner})"
-    if isinstance(value, tuple) and hasattr(value, "_fields"):
-        inner = ", ".join(f"{k}={describe(v, depth + 1)}" for k, v in zip(value._fields, value))
-        return f"{type(value).__name__}({inner})"
+    cache = None if full else _cache_size(value)
+    if cache is not None:
+        return cache
+    fields = _fields(value)
+    if fields is not None:
+        if full:
+            inner = ", ".join(f"{k}={describe(v, depth + 1, full)}" for k, v in fields)
+            return f"{type(value).__name__}({inner})"
+        shown = [f"{k} {describe(v, depth + 1)}" for k, v in fields if _worth_showing(v)]
+        return ", ".join(shown) if shown else type(value).__name__
     if isinstance(value, (list, tuple)):
-        items = [describe(v, depth + 1) for v in value[:_MAX_ITEMS]]
+        items = [describe(v, depth + 1, full) for v in value[:_MAX_ITEMS]]
         if len(value) > _MAX_ITEMS:
             items.append(f"… {len(value)} items")
         inner = ", ".join(items)
         return f"({inner},)" if isinstance(value, tuple) and len(value) == 1 else (f"({inner})" if isinstance(value, tuple) else f"[{inner}]")
     if isinstance(value, dict):
-        items = [f"{k}: {describe(v, depth + 1)}" for k, v in list(value.items())[:_MAX_ITEMS]]
-        if len(value) > _MAX_ITEMS:
-            items.append(f"… {len(value)} keys")
+        entries = [(k, v) for k, v in value.items() if full or v is not None]
+        items = [f"{k}: {describe(v, depth + 1, full)}" for k, v in entries[:_MAX_ITEMS]]
+        if len(entries) > _MAX_ITEMS:
+            items.append(f"… {len(entries)} keys")
         return "{" + ", ".join(items) + "}"
     if value is None or isinstance(value, (bool, int, float)):
         return repr(value)
@@ -52,8 +93,14 @@ def describe(value, depth: int = 0) -> str:
     return type(value).__name__
 
 
-def describe_call(args: tuple, kwargs: dict) -> str:
-    parts = [describe(a) for a in args] + [f"{k}={describe(v)}" for k, v in kwargs.items()]
+def describe_call(args: tuple, kwargs: dict, full: bool = False) -> str:
+    """The arguments of a call; condensed, None arguments are left out and a tensor keyword reads
+    `position_ids [1, 16]` (full: `position_ids=[1, 16]`, every argument)."""
+    if full:
+        return ", ".join([describe(a, full=True) for a in args] + [f"{k}={describe(v, full=True)}" for k, v in kwargs.items()])
+    parts = [describe(a) for a in args if a is not None]
+    parts += [f"{k} {describe(v)}" if _worth_showing(v) else f"{k}={describe(v)}" for k, v in kwargs.items()
+              if v is not None]
     return ", ".join(parts)
 
 
@@ -140,7 +187,8 @@ class Recorder:
         try:
             row = ShapeRow(name=self._name(module), cls=type(module).__name__, depth=len(self.stack),
                            inputs=describe_call(args, {}), outputs="", dtype=first_dtype(args),
-                           params=own_params(module), status="open")
+                           params=own_params(module), status="open", full_inputs=describe_call(args, {}, full=True),
+                           total_params=sum(p.numel() for p in module.parameters()))
             self.stack.append((module, len(self.rows), args))
             self.rows.append(row)
             self.row_modules.append(module)
@@ -159,8 +207,8 @@ class Recorder:
                 top, index, _ = self.stack.pop()
                 if top is module:
                     row = self.rows[index]
-                    row.inputs = describe_call(args, kwargs)
-                    row.outputs, row.status = describe(output), "ok"
+                    row.inputs, row.full_inputs = describe_call(args, kwargs), describe_call(args, kwargs, full=True)
+                    row.outputs, row.full_outputs, row.status = describe(output), describe(output, full=True), "ok"
                     row.dtype = first_dtype(output) or row.dtype
                     if module._forward_hooks:
                         self.hooks_pending = index
@@ -182,11 +230,13 @@ class Recorder:
         self.hooks_pending = None
         self.busy = True
         try:
+            tensor_kwargs = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
             self.rows.append(ShapeRow(
                 name=name.strip("_"), cls="op", depth=len(self.stack),
-                inputs=describe_call(args, {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}),
-                outputs="" if failed else describe(out), dtype=first_dtype(out) or first_dtype(args), params=0,
-                status="failed" if failed else "ok", kind="op"))
+                inputs=describe_call(args, tensor_kwargs), outputs="" if failed else describe(out),
+                dtype=first_dtype(out) or first_dtype(args), params=0, status="failed" if failed else "ok", kind="op",
+                full_inputs=describe_call(args, tensor_kwargs, full=True),
+                full_outputs="" if failed else describe(out, full=True)))
             self.row_modules.append(None)
         finally:
             self.busy = False
@@ -415,8 +465,10 @@ def trace_shapes(model: nn.Module, values: list, *, name: str, mode: str = "auto
         if mode == "real" and any(not fake.has_data(t) for t in _tensors(model)):
             raise TorchMagicError(f"{name} has meta or fake tensors, which hold no data for a real forward: "
                                   f"use --mode meta or --mode fake")
-    recorder, failure, needs_values = _run(model, values, name, mode, ops)
-    if failure is not None and not ops and not needs_values:
+    # Small models traced for real record their ops too: the table shows those that change a shape.
+    record = ops or (mode == "real" and sum(p.numel() for p in model.parameters()) <= REAL_LIMIT)
+    recorder, failure, needs_values = _run(model, values, name, mode, record)
+    if failure is not None and not record and not needs_values:
         # Again with the op recorder (it costs time): the explanation names the view or flatten that made the input.
         recorder, failure, needs_values = _run(model, values, name, mode, True)
     if needs_values:
@@ -438,15 +490,32 @@ def trace_shapes(model: nn.Module, values: list, *, name: str, mode: str = "auto
     return trace
 
 
+def _reshapes(row: ShapeRow) -> bool:
+    """An op whose output's shape is not its first input's: pooling, view, flatten, cat, matmul, ..."""
+    return row.outputs != render.split_items(row.inputs)[0]
+
+
 def _result(recorder: Recorder, failure, *, name, mode, why, depth, ops, notes) -> ShapeTrace:
-    rows = [r for r in recorder.rows if ops or r.kind == "module"]
+    """The trace as shown: module calls, and the ops between them that change a shape (pooling,
+    view, cat, ...) while the table stays short; every op with --ops."""
+    rows, notes = recorder.rows, list(notes)
+    if not ops:
+        modules = sum(r.kind == "module" for r in rows)
+        shaping = [r for r in rows if r.kind == "op" and r.status == "ok" and _reshapes(r)]
+        keep = {id(r) for r in shaping} if modules + len(shaping) <= render.LONG_TABLE else set()
+        rows = [r for r in rows if r.kind == "module" or id(r) in keep]
+        left_out = len(recorder.rows) - len(rows)
+        if left_out:
+            what = "elementwise ops (same shape in and out)" if keep or not shaping else "tensor ops between modules"
+            notes.append(f"{left_out} {what} not shown: --ops shows them")
     hidden = 0
     if depth is not None:
         shown = [r for r in rows if r.depth <= depth or r.status != "ok"]  # a failure stays visible
         rows, hidden = shown, len(rows) - len(shown)
+    attention = any("Attention" in r.cls or r.name == "scaled_dot_product_attention" for r in recorder.rows)
     return ShapeTrace(model=name, rows=rows, mode=mode, why=why, failure=failure, hidden=hidden, notes=notes,
                       flops=recorder.flops if fake.Counter is not None else None,
-                      activation_bytes=recorder.activation_bytes)
+                      activation_bytes=recorder.activation_bytes, attention=attention)
 
 
 # ---------------------------------------------------------------- %%shapes
