@@ -1,6 +1,8 @@
 """Device discovery, selection, and moving models, optimizers (with their state) and tensors."""
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -59,8 +61,8 @@ def device_report(selected: str | None) -> DeviceReport:
         cpu_threads=torch.get_num_threads(),
         cpu_interop_threads=torch.get_num_interop_threads(),
         cuda=cuda,
-        cuda_note="" if cuda else _cuda_note(),
-        mps=_mps_status() + _mps_memory(),
+        cuda_note="" if cuda or sys.platform == "darwin" else _cuda_note(),  # no CUDA on macOS,
+        mps=_mps_status() + _mps_memory() if sys.platform == "darwin" else "",  # no MPS anywhere else
         selected=selected or "none (use %device auto to pick the best available)",
         default_dtype=str(torch.get_default_dtype()).removeprefix("torch."),
         default_device=str(torch.get_default_device()) if hasattr(torch, "get_default_device") else "cpu",
@@ -91,6 +93,8 @@ def resolve_device(text: str) -> torch.device:
                                   f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
         return torch.device("cuda", index)
     if device.type == "mps":
+        if sys.platform != "darwin":
+            raise TorchMagicError("MPS is the GPU of Apple's Macs, on macOS only: use %device cpu or %device auto")
         if _mps_status() != "available":
             raise TorchMagicError(f"MPS is {_mps_status()}; use %device cpu or %device auto")
         return device

@@ -112,7 +112,28 @@ def _linear(m: nn.Linear, who, x, shape, args, exc, earlier):
         return _hint_device_dtype(m, who.split(" ")[0], x, str(exc))
     why = f"{who} expects in_features={m.in_features} but received {shape}"
     origin = comes_from(got, shape, earlier)
-    return (f"{why}; {origin}" if origin else why), f"use nn.Linear({got}, {m.out_features}) or nn.LazyLinear({m.out_features})"
+    fix = f"use nn.Linear({got}, {m.out_features}) or nn.LazyLinear({m.out_features})"
+    built = _built_for(m.in_features, shape, earlier)
+    fix += (f"; or give the model the input size it was built for ({built})" if built else
+            f"; or change the input so that {m.in_features} features reach it")
+    return (f"{why}; {origin}" if origin else why), fix
+
+
+def _built_for(features: int, shape: str, earlier: list[ShapeRow]) -> str:
+    """'it expects 6 × 15 × 15 = 1350 here, not 6 × 13 × 13': the map a flattened input should have
+    had, when its channels divide the features and the rest is a square (or a cube)."""
+    maker = next((r for r in reversed(earlier) if r.outputs == shape), None)
+    if maker is None or not (maker.name in _RESHAPES or maker.cls in _RESHAPES):
+        return ""
+    dims = _dims(_first_shape(maker.inputs))[1:]
+    if len(dims) < 3 or features % dims[0]:
+        return ""
+    spatial = len(dims) - 1
+    side = round((features // dims[0]) ** (1 / spatial))
+    if dims[0] * side ** spatial != features:
+        return ""
+    want = " × ".join(str(d) for d in [dims[0]] + [side] * spatial)
+    return f"it expects {want} = {features} here, not {' × '.join(map(str, dims))}"
 
 
 def _conv(m, who, x, shape, args, exc, earlier):
@@ -130,7 +151,16 @@ def _conv(m, who, x, shape, args, exc, earlier):
         if x.shape[-1] == m.in_channels and n == 2:
             return why + " (the channels look last)", "put channels first: x.permute(0, 3, 1, 2)"
         k = m.kernel_size[0] if len(set(m.kernel_size)) == 1 else tuple(m.kernel_size)
-        return why, f"use nn.{cls}({channels}, {m.out_channels}, {k}) or nn.Lazy{cls}({m.out_channels}, {k})"
+        layer = f"use nn.{cls}({channels}, {m.out_channels}, {k}) or nn.Lazy{cls}({m.out_channels}, {k})"
+        dim = x.dim() - n - 1
+        if m.in_channels == 1 and channels == 3:  # an RGB image into a network built for grayscale
+            return why + " (an RGB image into a grayscale network?)", \
+                f"convert the input to one channel, e.g. x.mean(dim={dim}, keepdim=True), or {layer}"
+        if m.in_channels == 3 and channels == 1:
+            shape_args = ", ".join("-1" if i != dim else "3" for i in range(x.dim()))
+            return why + " (a grayscale image into an RGB network?)", \
+                f"repeat the channel, e.g. x.expand({shape_args}), or {layer}"
+        return why, f"give the input {m.in_channels} channels, or {layer}"
     if isinstance(m.padding, str):
         return "", ""
     spatial = list(x.shape[-n:])

@@ -6,6 +6,7 @@ import ast
 import collections
 import functools
 import math
+import os
 import re
 import sys
 import weakref
@@ -16,15 +17,15 @@ from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, 
 from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import display
 from torch import nn
-from traitlets import Bool, Enum, Int
+from traitlets import Bool, Enum, Int, observe
 
-from . import devices, finetune, memory, summary, tracing, training, ui
+from . import devices, finetune, memory, render, summary, tracing, training, ui
 from .compat import running_cell_number
 from .errors import TorchMagicError
 from .inputs import ShapeSpec
 from .parsing import looks_like_shape, parse_shape, split_line
 from .render import nbytes as render_size
-from .results import MemoryHistory, MemoryStatus
+from .results import ExplainedError, MemoryHistory, MemoryStatus
 
 
 def usage_errors(func):
@@ -67,6 +68,9 @@ class TorchMagics(Magics):
                                           "peaked memory by at least this many bytes (0: after every cell).").tag(config=True)
     shape_mode = Enum(list(tracing.MODES), "auto", help="How %shapes runs the forward: auto, real, fake (no compute, "
                       "no memory) or meta (models built on the meta device).").tag(config=True)
+    text_width = Int(0, help="Width of text tables in characters (0: the terminal's width, or 120 where it is "
+                            "unknown). Long values are elided in the middle to fit; print() a result shows them "
+                            "whole.").tag(config=True)
 
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell=shell, **kwargs)
@@ -74,6 +78,13 @@ class TorchMagics(Magics):
         self._ledgers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> StepLedger
         self._meter: memory.CellMeter | None = None  # set while %memory is on
         self._memory_history: collections.deque = collections.deque(maxlen=1000)
+        self._configure_width()
+
+    @observe("text_width")
+    def _configure_width(self, change=None):
+        from IPython.terminal.interactiveshell import TerminalInteractiveShell
+
+        render.configure(width=max(self.text_width, 0), terminal=isinstance(self.shell, TerminalInteractiveShell))
 
     def close(self):
         """Called when the extension is unloaded: remove the event handlers this instance registered."""
@@ -286,6 +297,7 @@ class TorchMagics(Magics):
         if args.model is None:  # optional in the parser only for the %%shapes cell form
             raise TorchMagicError("give the model and its input, e.g. %shapes net 1,1,32,32")
         model = self._module(args.model)
+        _check_spaced_shape(args.inputs)
         return tracing.trace_shapes(model, self._inputs(args.inputs), name=args.model, mode=args.mode or self.shape_mode,
                                     depth=args.depth, ops=args.ops)
 
@@ -329,6 +341,7 @@ class TorchMagics(Magics):
             raise TorchMagicError("give the model, e.g. %summary net")
         args = self._parse(self.summary, line)
         model = self._module(args.model)
+        _check_spaced_shape(args.inputs)
         return summary.param_summary(model, name=args.model, values=self._inputs(args.inputs), depth=args.depth)
 
     # ------------------------------------------------------------ %%trainstep
@@ -379,7 +392,7 @@ class TorchMagics(Magics):
         widget = self.widgets and not args.no_widget and ui.has_widget_frontend(self.shell)
         session = training.StepSession(model, optimizer, body, evaluate, model_name=args.model, ledgers=self._ledgers,
                                        keep_undo=widget)
-        call = functools.partial(_user_call, body.filename)
+        call = functools.partial(_user_call, body.filename, self.shell.user_ns)
         if rates is not None:
             result = call(session.sweep, rates)
         elif args.steps > 1:
@@ -475,8 +488,17 @@ class TorchMagics(Magics):
 
     def _model_and_prefix(self, expr: str):
         """`net.conv1` -> (net, "net", "conv1"), so that the report counts the whole model."""
-        module = self._module(expr)
         root = re.match(r"[A-Za-z_]\w*", expr)
+        try:
+            module = self._module(expr)
+        except TorchMagicError:
+            parent = self.shell.user_ns.get(root.group()) if root else None
+            if not isinstance(parent, nn.Module) or root.group() == expr:
+                raise
+            names = [f"{root.group()}.{n}" for n, _ in parent.named_modules() if n and n.count(".") < 2]
+            shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
+            raise TorchMagicError(f"{expr} is not a submodule of {root.group()}: "
+                                  + (f"give one of {shown}" if names else f"{root.group()} has no submodules")) from None
         if root and root.group() != expr:
             parent = self.shell.user_ns.get(root.group())
             if isinstance(parent, nn.Module):
@@ -496,14 +518,18 @@ def _parse_rates(text: str, option: str, example: str, sep: str = ",") -> list[f
     return values
 
 
-def _user_call(filename, fn, *args):
-    """Run a step action; an error from the user's cell keeps only the user's frames."""
+def _user_call(filename, ns, fn, *args):
+    """Run a step action. An error from the user's cell keeps only the user's frames; a forward that
+    failed on a shape is explained first, as %shapes would explain it."""
     __tracebackhide__ = True  # noqa: F841
     try:
         return fn(*args)
     except (TorchMagicError, KeyboardInterrupt):
         raise
     except Exception as e:
+        failure = tracing.explain_traceback(e, tracing.namespace_names(ns))
+        if failure is not None:
+            display(ExplainedError(failure))
         raise e.with_traceback(_user_frames(e.__traceback__, filename)) from None
 
 
@@ -516,9 +542,33 @@ def _run_body_aside(head, tail, ns):
     return _run_body(head, tail, dict(ns))
 
 
+_NOT_USERS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, sys.modules[__package__]))
+
+
 def _user_frames(tb, filename):
-    """The traceback from the first frame of the user's cell on: torchmagic's frames are not the user's."""
+    """The traceback from the first frame of the user's cell on, without the frames of torch and
+    torchmagic in between or at the end: the user's own code, down to the line that failed."""
     start = tb
     while start is not None and start.tb_frame.f_code.co_filename != filename:
         start = start.tb_next
-    return start or tb
+    if start is None:
+        return tb
+    last = start
+    while last.tb_next is not None:
+        following = last.tb_next
+        while following is not None and following.tb_frame.f_code.co_filename.startswith(_NOT_USERS):
+            following = following.tb_next
+        last.tb_next = following
+        if following is None:
+            break
+        last = following
+    return start
+
+
+def _check_spaced_shape(texts: list[str]):
+    """`1, 1, 32, 32` is four inputs: say so, instead of the forward's complaint about arguments."""
+    if len(texts) > 1 and any(t.endswith(",") or t.startswith(",") for t in texts) and \
+            all(looks_like_shape(t) for t in texts):
+        joined = ",".join(t.strip(",") for t in texts)
+        raise TorchMagicError(f"the spaces in {' '.join(texts)!r} make {len(texts)} inputs: write one shape without "
+                              f"spaces, e.g. {joined}")

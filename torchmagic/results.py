@@ -401,8 +401,8 @@ class DeviceReport(Result):
     cpu_threads: int
     cpu_interop_threads: int
     cuda: list[CudaInfo]
-    cuda_note: str
-    mps: str
+    cuda_note: str  # why there is no CUDA; "" where it cannot exist (macOS)
+    mps: str  # "" where it cannot exist (anywhere but macOS)
     selected: str
     default_dtype: str
     default_device: str
@@ -413,9 +413,10 @@ class DeviceReport(Result):
             mem = (f"{render.nbytes(c.used)} used / {render.nbytes(c.total)} "
                    f"(torch allocated {render.nbytes(c.allocated)}, reserved {render.nbytes(c.reserved)})")
             rows.append([f"cuda:{c.index}", f"{c.name}, capability {c.capability}, {mem}", "current" if c.current else "available"])
-        if not self.cuda:
+        if not self.cuda and self.cuda_note:
             rows.append(["cuda", self.cuda_note, "not available"])
-        rows.append(["mps", "Apple GPU", self.mps])
+        if self.mps:
+            rows.append(["mps", "Apple GPU", self.mps])
         return rows
 
     def _footer(self) -> list[str]:

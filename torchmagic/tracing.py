@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 
 import torch
 from torch import nn
@@ -155,6 +156,33 @@ def namespace_names(ns: dict) -> dict[int, str]:
             if mid not in names or name.count(".") < names[mid].count("."):
                 names[mid] = name
     return names
+
+
+def explain_traceback(exc: BaseException, names: dict[int, str]) -> ShapeFailure | None:
+    """Why a forward in the user's code failed, read from the traceback alone (nothing is traced, so
+    the happy path costs nothing): the innermost nn.Module forward on it, the input it was given,
+    and what %shapes would say about that module. None when there is nothing to explain."""
+    frame, tb = None, exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "forward" and isinstance(tb.tb_frame.f_locals.get("self"), nn.Module):
+            frame = tb.tb_frame
+        tb = tb.tb_next
+    if frame is None:
+        return None
+    local, code = frame.f_locals, frame.f_code
+    args = [local[n] for n in code.co_varnames[1:code.co_argcount] if n in local]
+    if code.co_flags & inspect.CO_VARARGS:
+        args += list(local.get(code.co_varnames[code.co_argcount + code.co_kwonlyargcount], ()))
+    module = local["self"]
+    name = names.get(id(module), type(module).__name__)
+    why, fix = explain.explain(module, name, tuple(args), exc, [])
+    del frame, local
+    if not why:
+        return None
+    text = str(exc).strip()
+    error = f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+    return ShapeFailure(module=name, cls=type(module).__name__, inputs=describe_call(tuple(args), {}), error=error,
+                        explanation=why, fix=fix)
 
 
 class Recorder:
