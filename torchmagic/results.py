@@ -482,22 +482,28 @@ class ParamStep:
         return self.update_norm / self.param_norm if self.param_norm else float("nan")
 
 
+# A step "blows up" when the loss rises this much from one step to the next, or when an update moves a
+# parameter by this fraction of its norm (steady training moves about 1e-3 a step).
+BLOWUP_LOSS = 10.0
+BLOWUP_RATIO = 0.1
+
+
 @dataclass(repr=False)
 class StepResult(Result):
     model: str
     loss: float  # before the step
     grad_norm: float  # over all parameters
     lrs: list[float]  # per param group
-    step: int  # steps taken by %%trainstep on this optimizer in this session
-    skipped: str = ""  # why no step was taken (non-finite loss or gradients)
+    step: int  # this optimizer's steps taken with %%trainstep in this session (every panel of it counts the same)
+    skipped: str = ""  # why no step was taken (non-finite loss, gradients or update)
     notes: list[str] = field(default_factory=list)
     params: list[ParamStep] = field(default_factory=list)
     param_norm: float = float("nan")
     update_norm: float = float("nan")
     loss_after: float | None = None  # --eval / preview: the loss after the step on the same batch
     preview: bool = False  # the step was tried and undone
-
-    columns = ["parameter", "shape", "lr", "grad norm", "param norm", "update norm", "update/param"]
+    previous_loss: float | None = None  # the loss before the step before this one
+    undoable: bool = False  # an Undo button can take this step back
 
     @property
     def stepped(self) -> bool:
@@ -508,6 +514,42 @@ class StepResult(Result):
             if r.name == name:
                 return r
         raise KeyError(name)
+
+    @property
+    def uniform_lr(self) -> bool:
+        return len({r.lr for r in self.params}) <= 1
+
+    @property
+    def columns(self) -> list[str]:
+        lr = [] if self.uniform_lr else ["lr"]
+        return ["parameter", "shape", *lr, "grad norm", "param norm", "update norm", "update/param"]
+
+    def blown_up(self) -> list[ParamStep]:
+        """The parameters this step moved by more than BLOWUP_RATIO of their norm."""
+        return [r for r in self.params if r.ratio > BLOWUP_RATIO] if self.stepped else []
+
+    def warning(self) -> str:
+        """What looks like a step that blew up, and what to do; "" when nothing does."""
+        if not self.stepped or self.preview:
+            return ""
+        what = []
+        rose = [(self.previous_loss, self.loss)] if self.previous_loss else []
+        rose += [(self.loss, self.loss_after)] if self.loss_after is not None else []
+        for before, after in rose:
+            if before > 0 and after >= BLOWUP_LOSS * before:
+                what.append(f"the loss rose {after / before:.3g}x ({before:.4g} -> {after:.4g})")
+                break
+        big = sorted(self.blown_up(), key=lambda r: -r.ratio)
+        if big:
+            names = ", ".join(r.name for r in big[:3]) + (f" and {len(big) - 3} more" if len(big) > 3 else "")
+            what.append(f"update/param up to {big[0].ratio:.2g} in {names} (above {BLOWUP_RATIO:g}; steady training "
+                        f"moves about 1e-3 a step)")
+        if not what:
+            return ""
+        lower = ", ".join(_num(lr / 10) for lr in self.lrs)
+        advice = f"Undo takes this step back; then try a lower rate, e.g. lr {lower}" if self.undoable else \
+            f"try a lower rate, e.g. --lr {lower}"
+        return f"step {self.step} may have blown up: {'; '.join(what)}. {advice}"
 
     def _title(self) -> str:
         if self.preview and self.stepped:
@@ -522,29 +564,37 @@ class StepResult(Result):
         if self.stepped and self.params:
             parts.append(f"update norm: {_num(self.update_norm)}")
         parts.append("lr: " + ", ".join(_num(lr) for lr in self.lrs))
-        return "   ".join(parts)
+        return "  ·  ".join(parts)
 
     def _cells(self) -> list[list[str]]:
-        return [[r.name, "[" + ", ".join(map(str, r.shape)) + "]", _num(r.lr), _num(r.grad_norm), _num(r.param_norm),
-                 _num(r.update_norm), f"{r.ratio:.2e}" if r.ratio == r.ratio else "-"] for r in self.params]
+        lr = not self.uniform_lr
+        return [[r.name, "[" + ", ".join(map(str, r.shape)) + "]", *([_num(r.lr)] if lr else []), _num(r.grad_norm),
+                 _num(r.param_norm), _num(r.update_norm), f"{r.ratio:.2e}" if r.ratio == r.ratio else "-"]
+                for r in self.params]
+
+    @property
+    def _numeric(self) -> set[int]:
+        return set(range(2, len(self.columns)))
 
     def _lines(self) -> list[str]:
-        lines = [self._title(), self._summary()]
-        if self.skipped:
-            lines.append(self.skipped)
-        return lines
+        return [self._title(), self._summary(), *filter(None, [self.skipped, self.warning()])]
 
     def to_text(self) -> str:
         parts = self._lines()
         if self.params and self.stepped:
-            parts.append(render.text_table(self.columns, self._cells(), numeric={2, 3, 4, 5, 6}))
+            parts.append(render.text_table(self.columns, self._cells(), self._numeric, width=render.text_width(),
+                                           squeeze={0}))
         return "\n".join(parts + self.notes)
 
     def _repr_html_(self) -> str:
-        lines = self._lines()
-        table = [render.html_table(self.columns, self._cells(), numeric={2, 3, 4, 5, 6})] if self.params and self.stepped else []
+        table = []
+        if self.params and self.stepped:
+            big = {id(r) for r in self.blown_up()}
+            classes = ["tm-warn" if id(r) in big else "" for r in self.params]
+            table = [render.html_table(self.columns, self._cells(), self._numeric, classes)]
         errors = [self.skipped] if self.skipped else []
-        return render.html_block(lines[0], [_html_line(lines[1])] + table, self.notes, errors)
+        return render.html_block(self._title(), [_html_line(self._summary())] + table, self.notes, errors,
+                                 warnings=list(filter(None, [self.warning()])))
 
 
 # ---------------------------------------------------------------- %memory

@@ -434,6 +434,14 @@ def run_step(model: nn.Module, optimizer: torch.optim.Optimizer, body: Callable[
             if skipped:
                 ck.restore()
                 return Outcome(_skipped(model_name, loss_value, optimizer, step_number, skipped, notes), None)
+        if not _finite(un):  # the rate is so high that the step overflows: refused like a NaN loss
+            bad = [names.get(id(p), "(outside the model)") for p, u in zip(params, un) if not math.isfinite(u)]
+            shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+            rates = ", ".join(f"{lr:.3g}" for lr in group_lrs(optimizer))
+            ck.restore()
+            return Outcome(_skipped(model_name, loss_value, optimizer, step_number,
+                                    f"the step at lr {rates} gives non-finite updates ({shown}): no step taken, nothing "
+                                    f"changed; use a lower rate", notes), None)
     except BaseException:
         ck.restore()
         raise
@@ -491,6 +499,20 @@ class StepLedger:
     spare: ParamBackup | None = None  # the last step's copies, overwritten by the next step
     undo_versions: list[int] = field(default_factory=list)
     undo_loss: float = float("nan")
+    version: int = 0  # bumped by every step and undo: what shows an older one is stale
+    watchers: list[weakref.WeakMethod] = field(default_factory=list)
+
+    def watch(self, method):
+        """Call this bound method after every step or undo (held weakly: a panel that is gone is dropped)."""
+        self.watchers.append(weakref.WeakMethod(method))
+
+    def changed(self):
+        self.version += 1
+        self.watchers = [w for w in self.watchers if w() is not None]
+        for w in list(self.watchers):
+            callback = w()
+            if callback is not None:
+                callback()
 
 
 class StepSession:
@@ -558,8 +580,10 @@ class StepSession:
             if not recycled:
                 ledger.spare = spare
         result = outcome.result
+        result.undoable = self.keep_undo and result.stepped
         if not result.stepped:
             return result
+        result.previous_loss = ledger.history[-1][1] if ledger.history else None
         with interrupts_deferred():
             ledger.count = result.step
             ledger.history.append((result.step, result.loss, result.lrs[0]))
@@ -572,6 +596,7 @@ class StepSession:
             # caching allocator makes fresh copies cheap, so memory is only held for an undo point.
             on_cpu = backup is not None and all(p.device.type == "cpu" for p in backup.params)
             ledger.spare = backup if backup is not None and (self.keep_undo or on_cpu) else None
+        ledger.changed()
         return result
 
     def steps(self, n: int, lrs: list[float] | None = None, eval_after: bool = False,
@@ -614,6 +639,7 @@ class StepSession:
             if ledger.history and ledger.history[-1][0] == undone:
                 ledger.history.pop()
             ledger.undo = None
+        ledger.changed()
         return UndoResult(model=self.model_name, step=undone, loss=ledger.undo_loss, lrs=self.lrs)
 
     def preview(self, lrs: list[float] | None = None) -> StepResult:
