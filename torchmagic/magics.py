@@ -21,7 +21,7 @@ from traitlets import Bool, Enum, Int, observe
 
 from . import devices, finetune, memory, render, summary, tracing, training, ui
 from .compat import running_cell_number
-from .errors import TorchMagicError
+from .errors import TorchMagicError, one_line
 from .inputs import ShapeSpec
 from .parsing import looks_like_shape, parse_shape, split_line
 from .render import nbytes as render_size
@@ -47,14 +47,6 @@ def usage_errors(func):
         return None if quiet else result
 
     return wrapper
-
-
-def one_line(message: str, longest: int = 80) -> str:
-    """A message fit for one line: lines joined, and any very long word (a pasted name or shape)
-    elided in the middle, so that the advice at the end stays in view."""
-    words = " / ".join(line.strip() for line in message.splitlines() if line.strip()).split(" ")
-    return " ".join(w if len(w) <= longest else f"{w[:longest // 2]}…{w[-12:]} ({len(w):,} characters)"
-                    for w in words)
 
 
 def _a(noun: str) -> str:

@@ -727,33 +727,20 @@ class MemoryHistory(Result):
         return render.html_block(self._title(), [self.chart_svg(), render.html_table(columns, cells, numeric)],
                                  self._notes())
 
-    def chart_svg(self, width: int = 420, height: int = 90) -> str:
-        """Allocated memory after each cell (a line) and each cell's peak (a tick above it), as inline SVG."""
+    def chart_svg(self) -> str:
+        """Memory after each cell and each cell's peak, over the cells, as an inline SVG plot with axes."""
+        from .plot import line_svg
+
         with_dev = any(r.dev_after is not None for r in self.records)
-        now = [(r.dev_after if with_dev else r.rss_after) for r in self.records]
-        peaks = [(r.dev_peak if with_dev else r.rss_peak) for r in self.records]
-        top = max([v for v in now + peaks if v is not None] + [1])
-        n = len(self.records)
-        pad = 4
-
-        def x(i):
-            return pad + (width - 2 * pad) * (i + 0.5) / n
-
-        def y(v):
-            return height - pad - (height - 2 * pad - 12) * v / top
-
-        points = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(now) if v is not None)
-        ticks = "".join(f'<line x1="{x(i):.1f}" x2="{x(i):.1f}" y1="{y(now[i] or 0):.1f}" y2="{y(p):.1f}" '
-                        f'stroke="#e07b00" stroke-width="2"/>'
-                        for i, p in enumerate(peaks) if p is not None and now[i] is not None)
-        label = f"{'allocated' if with_dev else 'RSS'} after each cell (line), peak (orange), max {render.nbytes(top)}"
-        return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">'
-                f'<title>{label}</title>'
-                f'<text x="{pad}" y="10" font-size="10" fill="currentColor">{label}</text>{ticks}'
-                f'<polyline points="{points}" fill="none" stroke="#1f77b4" stroke-width="1.5"/>'
-                + "".join(f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="2" fill="#1f77b4"/>'
-                          for i, v in enumerate(now) if v is not None)
-                + "</svg>")
+        cells = [r.cell if r.cell is not None else i + 1 for i, r in enumerate(self.records)]
+        nan = float("nan")
+        now = [nan if v is None else v for v in (r.dev_after if with_dev else r.rss_after for r in self.records)]
+        peaks = [nan if v is None else v for v in (r.dev_peak if with_dev else r.rss_peak for r in self.records)]
+        series = [(cells, now, f"{'allocated' if with_dev else 'RSS'} after the cell")]
+        if any(p == p for p in peaks):
+            series.append((cells, peaks, "peak during the cell"))
+        return line_svg(series, x_label="cell", y_label=self.records[0].device if with_dev else "RSS", log_y=False,
+                        y_format=render.nbytes, x_format=lambda x: f"{x:.0f}", height=150)
 
 
 @dataclass(repr=False)
@@ -810,13 +797,16 @@ class UndoResult(Result):
     step: int  # the step that was undone
     loss: float  # its loss before the step
     lrs: list[float]
+    undone: StepResult | None = None  # that step's result, when it is known (the panel's)
 
     def to_text(self) -> str:
         return (f"{self.model}: undid step {self.step}: parameters, buffers, optimizer state, grads and RNG are as "
                 f"before it (lr: {', '.join(_num(lr) for lr in self.lrs)})")
 
     def _repr_html_(self) -> str:
-        return render.html_block(self.to_text(), [])
+        undone = [f"<details><summary>the step that was undone</summary>{self.undone._repr_html_()}</details>"] \
+            if self.undone is not None else []
+        return render.html_block(self.to_text(), undone)
 
 
 @dataclass

@@ -500,6 +500,7 @@ class StepLedger:
     undo_versions: list[int] = field(default_factory=list)
     undo_loss: float = float("nan")
     version: int = 0  # bumped by every step and undo: what shows an older one is stale
+    no_undo: str = "no step taken yet"  # why there is no undo point, when there is none
     watchers: list[weakref.WeakMethod] = field(default_factory=list)
 
     def watch(self, method):
@@ -571,6 +572,7 @@ class StepSession:
             recycled.append(True)
             if ledger.undo is not None and ledger.undo.backup is spare:
                 ledger.undo = None
+                ledger.no_undo = "a step that then failed reused the last step's copies"
 
         try:
             outcome = run_step(self.model, self.optimizer, self.body, model_name=self.model_name,
@@ -590,6 +592,8 @@ class StepSession:
             ck = outcome.checkpoint
             backup = ck.backup
             ledger.undo = ck if self.keep_undo else None
+            ledger.no_undo = "" if self.keep_undo else \
+                f"step {result.step} was taken without an undo point (by %%trainstep with --no-widget)"
             ledger.undo_loss = result.loss
             ledger.undo_versions = backup.versions() if self.keep_undo and backup else []
             # Kept for the next step to copy into: on a CPU that saves page faults; on a GPU the
@@ -621,17 +625,25 @@ class StepSession:
             result.notes.insert(0, f"{len(losses)} steps: loss {losses[0]:.4g} -> {losses[-1]:.4g} (before each step)")
         return result
 
-    def undo(self) -> UndoResult:
+    def undo_blocked(self) -> str:
+        """Why Undo cannot run now ("" when it can)."""
         ledger = self.ledger
         ck = ledger.undo
         if ck is None:
-            raise TorchMagicError("nothing to undo: undo goes back one step, the last one taken with Step or this cell")
+            return f"nothing to undo: {ledger.no_undo}"
         if ck.backup is not None and ck.backup.versions() != ledger.undo_versions:
-            raise TorchMagicError(f"{self.model_name}'s parameters changed after the last step (outside %%trainstep): "
-                                  f"undo would discard that, so nothing was restored")
+            return (f"{self.model_name}'s parameters changed after the last step (outside %%trainstep): "
+                    f"undo would discard that")
         if ck.backup is not None and ck.backup.state_dict is not self.optimizer.state:
-            raise TorchMagicError("the optimizer's state was replaced (load_state_dict) after the last step: "
-                                  "nothing was restored")
+            return "the optimizer's state was replaced (load_state_dict) after the last step"
+        return ""
+
+    def undo(self) -> UndoResult:
+        ledger = self.ledger
+        blocked = self.undo_blocked()
+        if blocked:
+            raise TorchMagicError(f"{blocked}; nothing was restored")
+        ck = ledger.undo
         with interrupts_deferred():
             ck.restore()
             undone = ledger.count
@@ -639,6 +651,7 @@ class StepSession:
             if ledger.history and ledger.history[-1][0] == undone:
                 ledger.history.pop()
             ledger.undo = None
+            ledger.no_undo = f"step {undone} was undone: Undo goes back one step only"
         ledger.changed()
         return UndoResult(model=self.model_name, step=undone, loss=ledger.undo_loss, lrs=self.lrs)
 

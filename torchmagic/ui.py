@@ -1,14 +1,16 @@
 """Front-end detection and the ipywidgets panel of %%trainstep. Only plain, long-standing widget
-APIs (FloatLogSlider, Button, HTML, Output, HBox/VBox, on_click), so ipywidgets 7 and 8 both work."""
+APIs (FloatLogSlider, Button, HTML, Output, HBox/VBox, Layout, on_click), so ipywidgets 7 and 8 both work."""
 from __future__ import annotations
 
+import datetime
+import html
 import math
-import sys
+import time
 from typing import Callable
 
-from .errors import TorchMagicError
-from .plot import line_svg
-from .results import Result
+from .errors import TorchMagicError, one_line
+from .plot import line_svg, wide_range
+from .results import Result, StepResult, SweepResult
 from .training import StepSession
 
 
@@ -23,29 +25,49 @@ def has_widget_frontend(shell) -> bool:
     return True
 
 
-def _slider_range(lr: float) -> tuple[float, float]:
-    exponent = math.log10(lr)
-    return min(-6.0, math.floor(exponent) - 1), max(0.0, math.ceil(exponent) + 1)
+DECADES_BELOW, DECADES_ABOVE = 3, 2  # the slider's range around the current rate (log10)
+
+
+def slider_range(lr: float) -> tuple[float, float]:
+    """A few decades around the rate, on whole decades."""
+    exponent = math.floor(math.log10(lr))
+    return exponent - DECADES_BELOW, exponent + DECADES_ABOVE
 
 
 def history_svg(history: list[tuple[int, float, float]]) -> str:
-    """Loss before each step, and the learning rate of group 0, over the steps of this session."""
-    if not history:
+    """The loss before each step (log scale when it spans decades) and, when it changed, the
+    learning rate of group 0, over this optimizer's steps. Nothing before there are two steps."""
+    if len(history) < 2:
         return ""
     steps = [h[0] for h in history]
-    loss = line_svg([(steps, [h[1] for h in history], "loss before the step")], x_label="step", height=150)
-    lr = line_svg([(steps, [h[2] for h in history], "lr")], x_label="step", log_y=True, height=110)
-    return f"<div>{loss}<br>{lr}</div>"
+    losses = [h[1] for h in history]
+    plots = [line_svg([(steps, losses, "loss before the step")], x_label="step", height=150,
+                      log_y=wide_range(losses), x_format=lambda x: f"{x:.0f}")]
+    if len({h[2] for h in history}) > 1:
+        plots.append(line_svg([(steps, [h[2] for h in history], "lr")], x_label="step", log_y=True, height=110,
+                              x_format=lambda x: f"{x:.0f}"))
+    return f"<div>{'<br>'.join(plots)}</div>"
+
+
+def _users_traceback(tb):
+    """The traceback from the first frame that is not torchmagic's: what the cell form shows."""
+    while tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith(__package__ + "."):
+        tb = tb.tb_next
+    return tb
 
 
 class TrainStepPanel:
     """A log-scale learning-rate slider per param group, Step (the cell again at the sliders'
     rates), Try (one step previewed with the loss after it, then undone), Undo (back to exactly
-    before the last step), the loss/lr history of this optimizer, and the latest result.
+    before the last step), the latest result, then the plots: a sweep's (kept when Step is
+    clicked) and the loss over this optimizer's steps.
 
-    `call(fn, *args)` runs a session action so that errors in the user's cell show the user's
-    frames only. Errors are shown in the panel, never swallowed: a mistake as one line, an error
-    in the user's code with its traceback (shell.showtraceback)."""
+    While an action runs its buttons are disabled and the panel says so; a click made meanwhile
+    does nothing. `call(fn, *args)` runs a session action so that errors in the user's cell show
+    the user's frames only. An error replaces the result and looks as in the cell: a mistake as
+    one UsageError line, an error in the user's code with its traceback (shell.showtraceback).
+    Every panel of one optimizer shows its step numbers; a panel whose result is out of date
+    (another panel or cell stepped since) says so."""
 
     def __init__(self, session: StepSession, shell, result: Result, call: Callable = None):
         import ipywidgets as w
@@ -53,31 +75,40 @@ class TrainStepPanel:
         self.session = session
         self.result = result
         self.error = ""  # the last action's error: a mistake's message, or the name of the exception
+        self.busy = ""  # what runs now ("" when idle)
         self._shell = shell
         self._call = call or (lambda fn, *args: fn(*args))
+        self._busy_until: datetime.datetime | None = None  # on the front end's clock: clicks sent before are stale
         names, lrs = session.group_names, session.lrs
         self.sliders = []
         for name, lr in zip(names, lrs):
-            lo, hi = _slider_range(lr if lr > 0 else 1e-3)
+            lr = lr if lr > 0 else 1e-3
+            lo, hi = slider_range(lr)
             label = "lr" if len(lrs) == 1 else f"lr {name}"
-            self.sliders.append(w.FloatLogSlider(value=lr if lr > 0 else 1e-3, base=10, min=lo, max=hi, step=0.05,
-                                                 description=label, readout_format=".2e"))
+            self.sliders.append(w.FloatLogSlider(value=lr, base=10, min=lo, max=hi, step=0.02, description=label,
+                                                 readout_format=".2e", layout=w.Layout(width="560px")))
         self.slider = self.sliders[0]
         self.button = w.Button(description="Step", tooltip="run the cell again and step at the sliders' rates")
         self.try_button = w.Button(description="Try", tooltip="preview the loss after one step at these rates, then undo it")
         self.undo_button = w.Button(description="Undo", tooltip="back to exactly before the last step")
-        self.plot = w.HTML()
+        self.status = w.HTML()
         self.output = w.Output()
-        self.button.on_click(lambda _: self._run(self._step))
-        self.try_button.on_click(lambda _: self._run(self._try))
-        self.undo_button.on_click(lambda _: self._run(self._undo))
-        buttons = w.HBox([self.button, self.try_button, self.undo_button])
-        self.widget = w.VBox([*self.sliders, buttons, self.plot, self.output])
-        suggestion = getattr(result, "suggestion", None)
-        if suggestion:
-            self.set_rates([suggestion * lr / lrs[0] if lrs[0] else suggestion for lr in lrs])
+        self.pinned = w.Output()  # a sweep's plot and suggestion, kept when Step is clicked
+        self.plot = w.HTML()
+        self.button.on_click(lambda _: self._run(self._step, "stepping"))
+        self.try_button.on_click(lambda _: self._run(self._try, "trying one step"))
+        self.undo_button.on_click(lambda _: self._run(self._undo, "undoing the last step"))
+        buttons = w.HBox([self.button, self.try_button, self.undo_button, self.status])
+        self.widget = w.VBox([*self.sliders, buttons, self.output, self.pinned, self.plot])
+        session.ledger.watch(self._refresh)
+        self._shown = session.ledger.version  # the ledger's version that the shown result belongs to
+        if isinstance(result, SweepResult):
+            if result.suggestion:
+                self.set_rates([result.suggestion * lr / lrs[0] if lrs[0] else result.suggestion for lr in lrs])
+            self._show(result, self.pinned)
+        else:
+            self._show(result)
         self._refresh()
-        self._show(result)
 
     # what the buttons do (callable from code and tests)
 
@@ -92,8 +123,7 @@ class TrainStepPanel:
     def set_rates(self, lrs: list[float]):
         for slider, lr in zip(self.sliders, lrs):
             if lr > 0:
-                exponent = math.log10(lr)
-                slider.min, slider.max = min(slider.min, math.floor(exponent)), max(slider.max, math.ceil(exponent))
+                slider.min, slider.max = min(slider.min, math.floor(math.log10(lr))), max(slider.max, math.ceil(math.log10(lr)))
                 slider.value = lr
 
     def _step(self):
@@ -103,39 +133,89 @@ class TrainStepPanel:
         return self._call(self.session.preview, self.rates)
 
     def _undo(self):
-        result = self._call(self.session.undo)
-        self.set_rates(self.session.lrs)
+        result = self._call(self.session.undo)  # the sliders keep their rates: they are the next step's
+        if isinstance(self.result, StepResult) and self.result.step == result.step and not self.result.preview:
+            result.undone = self.result
         return result
 
-    def _run(self, action):
-        with self.output:
-            try:
-                result = action()
-            except TorchMagicError as e:
-                print(f"UsageError: {e}", file=sys.stderr)
-                self.error = str(e)
-                return
-            except BaseException:  # the user's error (or Ctrl-C): shown with its traceback, not swallowed
-                self._shell.showtraceback()
-                self.error = f"{sys.exc_info()[0].__name__}"
-                return
-            finally:
-                self._refresh()
+    def _run(self, action, doing: str):
+        sent = self._click_sent()
+        if self.busy or (sent and self._busy_until and sent < self._busy_until):
+            return  # clicked while busy (here, or on the front end before it heard so): never a second step
+        self.busy = doing
+        self._refresh()
+        started = time.monotonic()
+        try:
+            self.output.clear_output(wait=True)  # the stale result goes when what replaces it arrives
+            with self.output:
+                try:
+                    result = action()
+                except TorchMagicError as e:
+                    from IPython.core.error import UsageError
+
+                    self._shell.show_usage_error(UsageError(one_line(str(e))))
+                    self.error = str(e)
+                    return
+                except BaseException as e:  # the user's error (or Ctrl-C): shown with its traceback, not swallowed
+                    self._shell.showtraceback((type(e), e, _users_traceback(e.__traceback__)))
+                    self.error = type(e).__name__
+                    return
             self.error = ""
             self.result = result
             self._show(result)
+        finally:
+            if sent:
+                self._busy_until = sent + datetime.timedelta(seconds=time.monotonic() - started)
+            self.busy = ""
+            ledger = self.session.ledger_if_alive
+            self._shown = ledger.version if ledger is not None else self._shown
+            self._refresh()
+
+    def _click_sent(self) -> datetime.datetime | None:
+        """When the front end sent the click being handled, by its own clock (None when this is no
+        click message). Clicks queue in the kernel while an action runs: one sent before the last
+        action's start plus its duration was made while the panel was busy."""
+        kernel = getattr(self._shell, "kernel", None)
+        parent = kernel.get_parent("shell") if hasattr(kernel, "get_parent") else getattr(kernel, "_parent_header", {})
+        header = (parent or {}).get("header") or {}
+        if header.get("msg_type") != "comm_msg":
+            return None
+        date = header.get("date")
+        if isinstance(date, str):
+            try:
+                date = datetime.datetime.fromisoformat(date.replace("Z", "+00:00"))
+            except ValueError:
+                return None
+        return date if isinstance(date, datetime.datetime) else None
 
     def _refresh(self):
+        """Buttons, status line and history after anything changed (here, or in another panel or
+        cell of this optimizer)."""
         ledger = self.session.ledger_if_alive  # None once the model or optimizer is gone
-        self.undo_button.disabled = ledger is None or ledger.undo is None
+        gone = "the model or optimizer of this panel is gone: run the %%trainstep cell again"
+        blocked = gone if ledger is None else self.session.undo_blocked()
+        for b in (self.button, self.try_button):
+            b.disabled = bool(self.busy) or ledger is None
+        self.undo_button.disabled = bool(self.busy) or bool(blocked)
+        self.undo_button.tooltip = f"Undo is off: {blocked}" if blocked else "back to exactly before the last step"
+        if self.busy:
+            line = f'<span class="tm-busy">⏳ {html.escape(self.busy)}…</span>'
+        elif ledger is not None and ledger.version != self._shown:
+            line = (f"out of date: this optimizer is at step {ledger.count} now (another %%trainstep cell or panel "
+                    f"changed it); the result below is older. Step continues from there")
+            line = f"<b>{html.escape(line)}</b>"
+        else:
+            line = html.escape(f"Undo is off: {blocked}") if blocked else ""
+        self.status.value = f'<span style="font-size:12px;opacity:0.85">{line}</span>'
         if ledger is not None:
             self.plot.value = history_svg(ledger.history)
 
-    def _show(self, result):
+    def _show(self, result, where=None):
         from IPython.display import display
 
-        self.output.clear_output(wait=True)
-        with self.output:
+        where = where or self.output
+        where.clear_output(wait=True)
+        with where:
             display(result)
 
     # display: the widget where it can render, the result as text everywhere else
