@@ -54,7 +54,7 @@ def test_device_report(shell):
     text = shell.text(report)
     assert "cpu" in text and f"{torch.get_num_threads()} threads" in text
     assert "default dtype: float32" in text
-    assert "mps" in text and "cuda" in text
+    assert "cuda" in text and ("mps" in text) == (sys.platform == "darwin")  # no MPS row where none can exist
     assert "<table>" in shell.html(report)
 
 
@@ -182,7 +182,7 @@ def test_summary_with_input_uses_the_shapes_trace(shell):
         s = shell.run(f"%summary {name} batch")
         proj = next(r for r in s.rows if r.name.endswith("proj"))
         spare = next(r for r in s.rows if r.name.endswith("spare"))
-        assert s.rows[0].output == "Out(logits=[4, 8])" and proj.output == "[4, 8]"
+        assert s.rows[0].output == "logits [4, 8]" and proj.output == "[4, 8]"  # a dataclass: its tensor fields
         assert proj.note == "called 2x (weights shared)" and spare.note == "not called by forward" and not spare.output
         assert s.total == 78 and s.flops == 2 * 2 * 4 * 8 * 8
 

@@ -5,7 +5,11 @@ from snapshot import diff, snapshot
 
 def test_notes_network_rows(notes):
     t = notes.run("%shapes net 1,1,32,32")
-    assert [r.name for r in t.rows] == ["net", "conv1", "fc1"]
+    # The ops that make 1350 = 6 x 15 x 15 are rows too; the relu's (same shape in and out) are not.
+    assert [(r.name, r.kind) for r in t.rows] == [("net", "module"), ("conv1", "module"), ("max_pool2d", "op"),
+                                                  ("view", "op"), ("fc1", "module")]
+    assert t.row("view").inputs == "[1, 6, 15, 15], 1, -1" and t.row("view").outputs == "[1, 1350]"
+    assert "2 elementwise ops (same shape in and out) not shown: --ops shows them" in t.notes
     assert t.row("conv1").inputs == "[1, 1, 32, 32]" and t.row("conv1").outputs == "[1, 6, 30, 30]"
     assert t.row("fc1").inputs == "[1, 1350]" and t.row("fc1").outputs == "[1, 10]"
     assert t.row("fc1").params == 13510 and t.ok
@@ -36,5 +40,6 @@ def test_failure_names_module(notes):
     assert not t.ok and t.failure.module == "fc1"
     assert t.failure.inputs == "[1, 1350]"
     assert "1350" in t.failure.error
-    assert [r.status for r in t.rows] == ["open", "ok", "failed"]
+    assert [r.status for r in t.rows] == ["open", "ok", "ok", "ok", "failed"]
+    assert notes.text(t).startswith("net: fc1 (Linear) failed; 3 module calls and 2 ops traced up to it (real mode)")
     assert diff(before, snapshot(notes.ns["net"])) == []

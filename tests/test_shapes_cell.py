@@ -16,8 +16,11 @@ def test_cell_records_every_module_call(notes):
     before = snapshot(notes.ns["net"])
     t = notes.run(CELL)
     assert [(r.name, r.cls, r.depth) for r in t.rows] == [
-        ("net", "Net", 0), ("net.conv1", "Conv2d", 1), ("net.fc1", "Linear", 1), ("criterion", "MSELoss", 0)]
-    assert t.row("criterion").inputs == "[1, 10], [1, 10]" and t.row("criterion").outputs == "[]"
+        ("net", "Net", 0), ("net.conv1", "Conv2d", 1), ("max_pool2d", "op", 1), ("view", "op", 1),
+        ("net.fc1", "Linear", 1), ("criterion", "MSELoss", 0)]
+    # the loss, a 0-d tensor, reads as a scalar; the result keeps its full form too
+    assert t.row("criterion").inputs == "[1, 10], [1, 10]" and t.row("criterion").outputs == "scalar"
+    assert t.row("criterion").full_outputs == "[]"
     assert t.mode == "real" and t.flops > 0
     assert "loss" in notes.ns and notes.ns["out"].shape == (1, 10)  # the cell really ran
     assert diff(before, snapshot(notes.ns["net"])) == []  # global hooks gone, nothing of net changed
@@ -45,9 +48,11 @@ def test_module_failure_shows_the_table_then_the_users_traceback(notes, capsys):
     shown = capsys.readouterr().out
     assert "net.fc1 (Linear) failed on input [1, 1350]" in shown
     assert "why: net.fc1 (Linear) expects in_features=1344 but received [1, 1350]; 1350 comes from flattening" in shown
-    assert shown.index("net.conv1") < shown.index("why:")
+    assert shown.index("why:") < shown.index("conv1 ") < shown.index("Traceback")  # the explanation first
     traceback = re.sub(r"\x1b\[[0-9;]*m", "", shown[shown.index("Traceback"):])  # printed after the table
     assert "out = net(input)" in traceback and "x = self.fc1(x)" in traceback and "torchmagic" not in traceback
+    # short: the user's frames only, down to the line that failed; none of torch's
+    assert "site-packages" not in traceback and "F.linear" not in traceback and len(traceback.splitlines()) < 25
     assert diff(before, snapshot(notes.ns["net"])) == []
 
 

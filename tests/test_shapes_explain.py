@@ -26,8 +26,10 @@ def test_notes_linear_names_the_flatten(notes, mode):
     assert t.failure.module == "fc1" and t.failure.cls == "Linear"
     assert t.failure.message == (
         "fc1 (Linear) expects in_features=1344 but received [1, 1350]; 1350 comes from flattening "
-        "conv1 → max_pool2d output [1, 6, 15, 15] (6 × 15 × 15 = 1350); use nn.Linear(1350, 10) or nn.LazyLinear(10)")
-    assert [r.name for r in t.rows] == ["net", "conv1", "fc1"]  # the op rows helped, they are not shown
+        "conv1 → max_pool2d output [1, 6, 15, 15] (6 × 15 × 15 = 1350); use nn.Linear(1350, 10) or nn.LazyLinear(10); "
+        "or change the input so that 1344 features reach it")
+    # the ops that change a shape are rows in every mode (fake and meta record them when explaining)
+    assert [r.name for r in t.rows] == ["net", "conv1", "max_pool2d", "view", "fc1"]
     text = notes.text(t)
     assert "why: fc1 (Linear) expects in_features=1344" in text and "fix: use nn.Linear(1350, 10)" in text
     assert "fix: use nn.Linear(1350, 10)" in notes.html(t)
@@ -37,14 +39,29 @@ def test_linear_fed_by_a_module(shell):
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(6, 2))
     f = failure(shell, model, "3,4", "real")
     assert f.module == "2" and f.message == ("2 (Linear) expects in_features=6 but received [3, 8]; 8 is the last size "
-                                             "of 1's output [3, 8]; use nn.Linear(8, 2) or nn.LazyLinear(2)")
+                                             "of 1's output [3, 8]; use nn.Linear(8, 2) or nn.LazyLinear(2); "
+                                             "or change the input so that 6 features reach it")
+
+
+def test_linear_fix_names_the_input_it_was_built_for(notes):
+    """The notes' net fed MNIST's 28x28: the fix says what the model was built for, not only how to change it."""
+    t = notes.run("%shapes net 1,1,28,28")
+    assert t.failure.fix == ("use nn.Linear(1014, 10) or nn.LazyLinear(10); or give the model the input size it was "
+                             "built for (it expects 6 × 15 × 15 = 1350 here, not 6 × 13 × 13)")
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_conv_channels(shell, mode):
     f = failure(shell, nn.Sequential(nn.Conv2d(3, 8, 3)), "1,1,28,28", mode)
-    assert f.explanation == "0 (Conv2d) expects in_channels=3 at dim 1 [batch, channels, height, width] but received [1, 1, 28, 28] with 1"
-    assert f.fix == "use nn.Conv2d(1, 8, 3) or nn.LazyConv2d(8, 3)"
+    assert f.explanation == ("0 (Conv2d) expects in_channels=3 at dim 1 [batch, channels, height, width] but received "
+                             "[1, 1, 28, 28] with 1 (a grayscale image into an RGB network?)")
+    assert f.fix == "repeat the channel, e.g. x.expand(-1, 3, -1, -1), or use nn.Conv2d(1, 8, 3) or nn.LazyConv2d(8, 3)"
+    # the other way round, as in the notes: an RGB image into the grayscale net; the fix may change the input
+    f = failure(shell, zoo.Net(), "1,3,32,32", mode)
+    assert f.explanation.endswith("with 3 (an RGB image into a grayscale network?)")
+    assert f.fix == "convert the input to one channel, e.g. x.mean(dim=1, keepdim=True), or use nn.Conv2d(3, 6, 3) or nn.LazyConv2d(6, 3)"
+    f = failure(shell, nn.Conv2d(4, 8, 3), "1,2,9,9", mode)
+    assert f.fix == "give the input 4 channels, or use nn.Conv2d(2, 8, 3) or nn.LazyConv2d(8, 3)"
 
 
 def test_conv_channels_last(shell):

@@ -117,7 +117,7 @@ class ShapeFailure:
     @property
     def where(self) -> str:
         """'fc1 (Linear)', 'view in net (Net)'."""
-        what = f"{self.module} ({self.cls})" if self.cls and self.cls != "op" else self.module
+        what = f"{self.module} ({self.cls})" if self.cls else self.module
         return what + (f" in {self.within}" if self.within else "")
 
     def lines(self) -> list[str]:

@@ -493,8 +493,9 @@ def trace_shapes(model: nn.Module, values: list, *, name: str, mode: str = "auto
         if mode == "real" and any(not fake.has_data(t) for t in _tensors(model)):
             raise TorchMagicError(f"{name} has meta or fake tensors, which hold no data for a real forward: "
                                   f"use --mode meta or --mode fake")
-    # Small models traced for real record their ops too: the table shows those that change a shape.
-    record = ops or (mode == "real" and sum(p.numel() for p in model.parameters()) <= REAL_LIMIT)
+    # Small models record their ops too (in every mode, so the modes agree): the table shows those
+    # that change a shape. Large ones skip that cost; --ops records them anyway.
+    record = ops or sum(p.numel() for p in model.parameters()) <= REAL_LIMIT
     recorder, failure, needs_values = _run(model, values, name, mode, record)
     if failure is not None and not record and not needs_values:
         # Again with the op recorder (it costs time): the explanation names the view or flatten that made the input.
