@@ -548,7 +548,7 @@ class StepResult(Result):
             return ""
         lower = ", ".join(_num(lr / 10) for lr in self.lrs)
         advice = f"Undo takes this step back; then try a lower rate, e.g. lr {lower}" if self.undoable else \
-            f"try a lower rate, e.g. --lr {lower}"
+            f"Try a lower rate, e.g. --lr {lower}"
         return f"step {self.step} may have blown up: {'; '.join(what)}. {advice}"
 
     def _title(self) -> str:

@@ -102,7 +102,8 @@ class TrainStepPanel:
         self.widget = w.VBox([*self.sliders, buttons, self.output, self.pinned, self.plot])
         session.ledger.watch(self._refresh)
         self._shown = session.ledger.version  # the ledger's version that the shown result belongs to
-        if isinstance(result, SweepResult):
+        self.sweep = result if isinstance(result, SweepResult) else None  # shown above the history, kept
+        if self.sweep is not None:
             if result.suggestion:
                 self.set_rates([result.suggestion * lr / lrs[0] if lrs[0] else result.suggestion for lr in lrs])
             self._show(result, self.pinned)
