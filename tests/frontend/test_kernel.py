@@ -162,3 +162,73 @@ def test_usage_error_is_one_stderr_line_and_an_error_reply(kernel):
     assert reply.content["ename"] == "UsageError" and not reply.of("error")
     assert reply.stream("stderr").count("\n") == 1, reply.stream("stderr")
     assert kernel.value("1 + 1") == 2  # the kernel lives on
+
+
+def clicks(kernel, comm_id: str, n: int):
+    """n clicks sent at once, as a user's quick clicks reach a busy kernel; every iopub message they caused."""
+    ids = []
+    for _ in range(n):
+        msg = kernel.client.session.msg("comm_msg", {"comm_id": comm_id, "data": {"method": "custom", "content": {"event": "click"}}})
+        kernel.client.shell_channel.send(msg)
+        ids.append(msg["header"]["msg_id"])
+    idle, messages = set(), []
+    while idle != set(ids):
+        msg = kernel.client.get_iopub_msg(timeout=kernel.timeout)
+        if msg["parent_header"].get("msg_id") not in ids:
+            continue
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            idle.add(msg["parent_header"]["msg_id"])
+        else:
+            messages.append(msg)
+    return messages
+
+
+SLOW_CELL = "%%trainstep net optimizer\ntime.sleep(scale_wait)\nout = net(input)\ncriterion(out, y) * scale"
+
+
+def test_clicks_while_busy_never_step_twice(kernel):
+    """Two clicks sent while a (slow) step runs: the second was made on a busy panel and does
+    nothing. A click after it is done steps again."""
+    run_notebook(kernel, trainstep=False)
+    kernel.run("import time\nscale, scale_wait = 1, 0\n_steps = []\n"
+               "_hook = optimizer.register_step_post_hook(lambda *a: _steps.append(1))")
+    kernel.run(SLOW_CELL)
+    button = kernel.widget("ButtonModel", "Step")
+    kernel.run("scale_wait = 0.5")
+    disabled = [m["content"]["data"]["state"] for m in clicks(kernel, button, 2) if m["msg_type"] == "comm_msg"
+                and m["content"]["data"].get("method") == "update" and "disabled" in m["content"]["data"]["state"]]
+    assert kernel.value("len(_steps)") == 2, "two quick clicks on a busy panel took two steps"
+    assert {"disabled": True} in disabled and disabled[-1] == {"disabled": False}  # the browser greyed it meanwhile
+    kernel.click(button)
+    assert kernel.value("len(_steps)") == 3
+
+
+def test_errors_from_a_step_click_look_as_in_the_cell(kernel):
+    run_notebook(kernel, trainstep=False)
+    kernel.run("import time\nscale, scale_wait = 1, 0")
+    kernel.run(SLOW_CELL)
+    button = kernel.widget("ButtonModel", "Step")
+
+    # A mistake: one UsageError line, as the cell shows it, replacing the stale result.
+    kernel.run("scale = torch.ones(2)")
+    shown = kernel.click(button)
+    assert shown.stream("stderr").startswith("UsageError: the loss has shape [2]")
+    assert shown.stream("stderr").count("\n") == 1 and not shown.of("error")
+    assert shown.of("clear_output"), "the stale result must go"
+
+    # An error in the user's code: the user's frames, none of torchmagic's.
+    kernel.run("scale = None")
+    shown = kernel.click(button)
+    [error] = shown.of("error")
+    frames = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(error["traceback"]))
+    assert error["ename"] == "TypeError" and "criterion(out, y) * scale" in frames
+    assert "torchmagic" not in frames and "ui.py" not in frames, frames
+
+    # A forward that fails on a shape: the same why and fix as %shapes, then the user's frames.
+    kernel.run("scale = 1\ninput = torch.randn(1, 1, 28, 28)")
+    shown = kernel.click(button)
+    why = " ".join(shown.outputs("text/plain"))
+    assert "why: net.fc1 (Linear) expects in_features=1350 but received [1, 1014]" in why
+    [error] = shown.of("error")
+    frames = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(error["traceback"]))
+    assert "x = self.fc1(x)" in frames and "site-packages" not in frames, frames
