@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import html
+import os
 import shutil
+import sys
 from dataclasses import dataclass
 
 # Colours and fonts come from the front end's theme (JupyterLab/Notebook 7 variables, then VS Code's),
@@ -60,7 +62,10 @@ def text_width() -> int:
     if _width["fixed"]:
         return _width["fixed"]
     if _width["terminal"]:
-        return shutil.get_terminal_size((TEXT_WIDTH, 24)).columns
+        try:  # the terminal's own size first: a COLUMNS variable in the environment can be stale
+            return os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):  # not a terminal after all (stdout piped)
+            return shutil.get_terminal_size((TEXT_WIDTH, 24)).columns
     return TEXT_WIDTH
 
 
@@ -274,7 +279,7 @@ def html_table(
 
 def _cell(tag: str, text: str, numeric: bool, title: str = "") -> str:
     attrs = ' class="num"' if numeric else ""
-    if title and title != text:
+    if title and title.strip() != text.strip():
         attrs += f' title="{html.escape(title)}"'
     return f"<{tag}{attrs}>{html.escape(text)}</{tag}>"
 

@@ -59,6 +59,7 @@ def test_shapes_and_summary_are_html_tables(executed):
     failed = data(cell(executed, "%shapes net 1,1,28,28"), "text/html")
     assert len(failed) == 1
     assert re.search(r'<tr class="tm-fail"><td>\s*fc1</td>', failed[0]), failed[0]
+    assert failed[0].index("why: fc1 (Linear)") < failed[0].index("<table>")  # the explanation first
     assert "fc1 (Linear) failed on input [1, 1014]" in failed[0]
 
     summary = data(cell(executed, "%summary net 1,1,32,32"), "text/html")

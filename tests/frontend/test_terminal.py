@@ -13,7 +13,8 @@ import pytest
 from frontend_support import ARTIFACTS, BIN, EXAMPLES, NOTEBOOK, Terminal, need
 
 IPYTHON = BIN / "ipython"
-SHAPES_ROW = r"^  conv1 +Conv2d +\[1, 1, 32, 32\] +\[1, 6, 30, 30\] +float32 +60 +[\d.]+ ?[KMGT]?$"
+SHAPES_ROW = r"^  conv1 +Conv2d +\[1, 1, 32, 32\] +\[1, 6, 30, 30\] +60 +[\d.]+ ?[KMGT]?$"
+STEP = r"^net: step {}\nloss: [\d.]+  ·  grad norm: [\d.]+  · .*lr: {}$"
 
 
 def check_text_only(out: str):
@@ -39,7 +40,7 @@ def test_demo_script_replays_the_notes():
     assert re.search(r"^  fc1 +Linear +\[1, 1014\] +✗ raised", out, re.M), out
     assert "fc1 (Linear) failed on input [1, 1014]" in out
     assert "total params: 13,570" in out  # %summary
-    steps = re.findall(r"^net: step (\d+)\nloss: [\d.]+ +grad norm: [\d.]+ .*lr: ([\d.e-]+)$", out, re.M)
+    steps = re.findall(STEP.format(r"(\d+)", r"([\d.e-]+)"), out, re.M)
     assert steps == [("1", "0.01"), ("2", "0.001"), ("3", "0.001")], out  # the %%trainstep cells, as text
     assert "trainable: 13,510   frozen: 60" in out  # %freeze net --except fc1, then %summary
     assert re.search(r"^suggested lr: [\d.e-]+: ", out, re.M), out  # the sweep, everything undone
@@ -94,12 +95,12 @@ def test_interactive_prompt_shows_text_tables_and_steps(ipython):
     for line in ["%%trainstep net optimizer", "out = net(input)", "criterion(out, y)", "", ""]:
         ipython.type(line)
     screen = ipython.wait_for(r"^In \[8\]:")
-    assert re.search(r"^net: step 1\nloss: [\d.]+ +grad norm: [\d.]+ .*lr: 0.01$", screen, re.M), screen
+    assert re.search(STEP.format(1, "0.01"), screen, re.M), screen
 
     for line in ["%%trainstep net optimizer --lr 1e-3", "criterion(net(input), y)", "", ""]:
         ipython.type(line)
     screen = ipython.wait_for(r"^In \[9\]:")
-    assert re.search(r"^net: step 2\nloss: [\d.]+ +grad norm: [\d.]+ .*lr: 0.001$", screen, re.M), screen
+    assert re.search(STEP.format(2, "0.001"), screen, re.M), screen
     check_text_only(screen)
 
     # A mistake: one line that says what to do, and the next prompt.
@@ -111,6 +112,35 @@ def test_interactive_prompt_shows_text_tables_and_steps(ipython):
 
     ipython.type("exit")
     ipython.wait_exit()
+
+
+def test_tables_fit_a_narrow_terminal(jupyter_home):
+    """A transformer's %shapes and %summary in a terminal 100 columns wide: every line fits (long
+    values elided in the middle), repeated blocks fold when the table is long, print() keeps all."""
+    need(IPYTHON.exists(), f"{IPYTHON} is missing")
+    env = {k: os.environ[k] for k in ("IPYTHONDIR", "PYTHONPATH")}
+    term = Terminal([str(IPYTHON), "--no-banner", "--colors=nocolor"], {**env, "HF_HUB_OFFLINE": "1"}, width=100)
+    try:
+        term.wait_for(r"^In \[1\]:")
+        term.paste("%load_ext torchmagic\nimport torch, transformers\ntransformers.logging.set_verbosity_error()\n"
+                   "cfg = transformers.AutoConfig.for_model('gpt2', n_embd=64, n_layer=2, n_head=4, vocab_size=128)\n"
+                   "gpt2 = transformers.AutoModelForCausalLM.from_config(cfg); ids = torch.randint(0, 128, (1, 16))")
+        term.wait_for(r"^In \[2\]:")
+        term.type("%shapes gpt2 ids")
+        shapes = term.wait_for(r"^In \[3\]:")
+        term.type("%summary gpt2 ids")
+        screen = term.wait_for(r"^In \[4\]:")
+        check_text_only(screen)
+        table = [line for line in screen.splitlines() if line.startswith(("gpt2 ", "  ", "module "))]
+        assert max(len(line) for line in table) <= 100, "\n".join(line for line in table if len(line) > 100)
+        assert re.search(r"^    h\.0 +GPT2Block +\[1, 16, 64\], ", shapes, re.M), shapes  # relative names
+        assert re.search(r"^  transformer +GPT2Model +last_h", screen, re.M), screen  # a model output: its tensors
+        term.type("exit")
+        term.wait_exit()
+    finally:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        (ARTIFACTS / "ipython-narrow.txt").write_text(term.last_screen)
+        term.close()
 
 
 def test_jupyter_console_shows_the_step_as_text(jupyter_home):
@@ -126,7 +156,7 @@ def test_jupyter_console_shows_the_step_as_text(jupyter_home):
         for line in ["%%trainstep net optimizer", "out = net(input)", "criterion(out, y)", "", ""]:
             term.type(line)
         screen = term.wait_for(r"^In \[6\]:")
-        assert re.search(r"^net: step 1\nloss: [\d.]+ +grad norm: [\d.]+ .*lr: 0.01$", screen, re.M), screen
+        assert re.search(STEP.format(1, "0.01"), screen, re.M), screen
         assert "Traceback" not in screen and "Error" not in screen
         if hasattr(__import__("torchmagic.ui").ui.TrainStepPanel, "_repr_mimebundle_"):
             assert "VBox(" not in screen, screen  # the panel's own text/plain, not the widget's repr
