@@ -86,9 +86,13 @@ def split_items(text: str) -> list[str]:
 
 def elide(text: str, width: int) -> str:
     """Text of at most `width` characters, cut in the middle: between whole items of a list where
-    that keeps some (`[1, 16, 64], …, position_ids [1, 16]`), else between characters."""
+    that keeps some (`[1, 16, 64], …, position_ids [1, 16]`), else between characters. Leading
+    spaces (a tree's indentation) are kept."""
     if len(text) <= width:
         return text
+    indent = len(text) - len(text.lstrip(" "))
+    if indent:
+        return text[:indent] + elide(text[indent:], max(width - indent, 5))
     items = split_items(text)
     n = len(items)
     kept = [(h + t, t > 0, ", ".join(items[:h] + ["…"] + items[n - t:])) for h in range(1, n) for t in range(n - h)]
@@ -99,9 +103,16 @@ def elide(text: str, width: int) -> str:
     return text[:(keep + 1) // 2] + "…" + text[len(text) - keep // 2:]
 
 
-def fit(widths: list[int], budget: int, squeeze: set[int], floor: int = 12) -> list[int]:
-    """Column widths within `budget` characters (two between columns included): the widest of the
-    `squeeze` columns are cut to one common cap, never below `floor`."""
+def fit(widths: list[int], budget: int, squeeze, floor: int = 12) -> list[int]:
+    """Column widths within `budget` characters (two between columns included). `squeeze`: the
+    columns that may be cut, a set, or sets in the order to cut them (values before names); the
+    widest columns of a set are cut to one common cap, never below `floor`."""
+    for group in ([squeeze] if isinstance(squeeze, (set, frozenset)) else squeeze):
+        widths = _fit(widths, budget, group, floor)
+    return widths
+
+
+def _fit(widths: list[int], budget: int, squeeze: set[int], floor: int) -> list[int]:
     gaps = 2 * (len(widths) - 1)
     if sum(widths) + gaps <= budget or not squeeze:
         return widths
@@ -310,6 +321,13 @@ def html_block(title: str, parts: list[str], notes: list[str] = (), errors: list
 
 def count(n: int) -> str:
     return f"{n:,}"
+
+
+def short_count(n: int) -> str:
+    """13,510 as it is; 124,439,808 as 124 M and 6,738,415,616 as 6.74 B (tables show the full count on print())."""
+    if abs(n) < 1_000_000:
+        return count(n)
+    return f"{n / 1e9:.3g} B" if abs(n) >= 1e9 else f"{n / 1e6:.3g} M"
 
 
 def nbytes(n: float) -> str:

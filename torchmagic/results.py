@@ -43,7 +43,7 @@ class _ModuleTable(Result):
 
     columns: list[str]
     numeric: set[int]
-    squeeze: set[int]  # columns whose long values are elided to fit
+    squeeze: list[set[int]]  # columns whose long values are elided to fit: values first, then names
 
     def _tree(self) -> list[render.TreeRow]:
         raise NotImplementedError
@@ -183,7 +183,7 @@ class ShapeTrace(_ModuleTable):
     def numeric(self) -> set[int]:
         return {i for i, c in enumerate(self.columns) if c in ("params", "flops")}
 
-    squeeze = {2, 3}
+    squeeze = [{2, 3}, {0, 1}]  # input and output, then module and class
 
     def _cells(self, r: ShapeRow, full: bool, cls: str = "", params: int | None = None, flops: int | None = None):
         if r.status == "ok":
@@ -195,7 +195,7 @@ class ShapeTrace(_ModuleTable):
         cells = [cls or r.cls, (r.full_inputs or r.inputs) if full else r.inputs, output]
         if "dtype" in self.columns:
             cells.append(r.dtype)
-        cells.append(render.count(params) if params else "")
+        cells.append((render.count(params) if full else render.short_count(params)) if params else "")
         if self.flops is not None:
             cells.append((render.count(flops) if full else si(flops)) if flops else "")
         return cells
@@ -323,26 +323,30 @@ class ParamSummary(_ModuleTable):
 
     @property
     def columns(self) -> list[str]:
+        """The columns that say something: no trainable column when everything is (the totals say
+        so), no note column without notes."""
         output = ["output"] if any(r.output for r in self.rows) else []
         flops = ["flops"] if self.flops is not None else []
-        return ["module", "class", *output, "params", *flops, "trainable", "note"]
+        trainable = ["trainable"] if self.trainable != self.total else []
+        note = ["note"] if any(r.note for r in self.rows) else []
+        return ["module", "class", *output, "params", *flops, *trainable, *note]
 
     @property
     def numeric(self) -> set[int]:
         return {i for i, c in enumerate(self.columns) if c in ("params", "flops")}
 
     @property
-    def squeeze(self) -> set[int]:
-        return {i for i, c in enumerate(self.columns) if c in ("output", "note")}
+    def squeeze(self) -> list[set[int]]:
+        return [{i for i, c in enumerate(self.columns) if c in ("output", "note")}, {0, 1}]
 
     def _cells(self, r: ParamRow, total: tuple[int, str], full: bool, cls: str = "", flops: int | None = None) -> list[str]:
         flops = r.flops if flops is None else flops
         total, trainable = total
         cells = [cls or r.cls] + ([r.output] if "output" in self.columns else [])
-        cells.append(render.count(total) if total else "")
+        cells.append((render.count(total) if full else render.short_count(total)) if total else "")
         if self.flops is not None:
             cells.append((render.count(flops) if full else si(flops)) if flops else "")
-        return cells + [trainable, r.note]
+        return cells + ([trainable] if "trainable" in self.columns else []) + ([r.note] if "note" in self.columns else [])
 
     def _tree(self) -> list[render.TreeRow]:
         shown = [(r, t) for r, t in zip(self.rows, self.totals()) if self.depth is None or r.depth <= self.depth]

@@ -66,7 +66,7 @@ def param_summary(model: nn.Module, *, name: str, values: list | None = None, de
         calls = outputs.get(id(module), [])
         if len(calls) > 1:
             note = "; ".join(filter(None, [note, f"called {len(calls)}x (weights shared)"]))
-        elif values and not calls and module is not model:
+        elif values and not calls and module is not model and not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
             note = "; ".join(filter(None, [note, "not called by forward"]))
         if not first_visit:
             note = "the same module again (weights shared)"

@@ -95,13 +95,12 @@ def describe(value, depth: int = 0, full: bool = False) -> str:
 
 
 def describe_call(args: tuple, kwargs: dict, full: bool = False) -> str:
-    """The arguments of a call; condensed, None arguments are left out and a tensor keyword reads
-    `position_ids [1, 16]` (full: `position_ids=[1, 16]`, every argument)."""
+    """The arguments of a call. Condensed: None arguments are left out, keywords only where they
+    hold a shape (`position_ids [1, 16]`, not `use_cache=True`). Full: every argument."""
     if full:
         return ", ".join([describe(a, full=True) for a in args] + [f"{k}={describe(v, full=True)}" for k, v in kwargs.items()])
     parts = [describe(a) for a in args if a is not None]
-    parts += [f"{k} {describe(v)}" if _worth_showing(v) else f"{k}={describe(v)}" for k, v in kwargs.items()
-              if v is not None]
+    parts += [f"{k} {describe(v)}" for k, v in kwargs.items() if _worth_showing(v)]
     return ", ".join(parts)
 
 

@@ -31,6 +31,32 @@ CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "-
 UPDATE_SCREENSHOTS = os.environ.get("TORCHMAGIC_UPDATE_SCREENSHOTS") == "1"
 TIMEOUT_MS = 120_000  # two cores shared with other jobs: generous, never a timing assertion
 
+# Transformers models at a tiny size (a real forward) and at full size (on the meta device: no memory),
+# built from their configs with random weights: nothing is downloaded.
+TRANSFORMERS = "transformers.ipynb"
+TRANSFORMER_CELLS = [
+    "%load_ext torchmagic\n"
+    "import torch, transformers\n"
+    "from transformers import AutoConfig, AutoModel, AutoModelForCausalLM\n"
+    "transformers.logging.set_verbosity_error()\n\n"
+    "def build(kind, **tiny):\n"
+    "    cls = AutoModel if kind == 'bert' else AutoModelForCausalLM\n"
+    "    config = AutoConfig.for_model(kind, **tiny)\n"
+    "    if tiny:\n"
+    "        return cls.from_config(config)\n"
+    "    with torch.device('meta'):\n"
+    "        return cls.from_config(config)\n\n"
+    "llama = build('llama', hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,\n"
+    "              num_key_value_heads=2, vocab_size=128)\n"
+    "gpt2 = build('gpt2', n_embd=64, n_layer=2, n_head=4, vocab_size=128)\n"
+    "bert = build('bert', hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,\n"
+    "             vocab_size=128)\n"
+    "llama_7b, gpt2_small, bert_base = build('llama'), build('gpt2'), build('bert')\n"
+    "ids = torch.randint(0, 128, (1, 16))",
+    *[f"%{magic} {model} ids" for model in ("llama", "gpt2", "bert", "llama_7b", "gpt2_small", "bert_base")
+      for magic in ("shapes", "summary")],
+]
+
 
 class Server:
     """A `jupyter lab` server on 127.0.0.1 with a random token, serving a folder of its own."""
@@ -102,6 +128,7 @@ def server(tmp_path_factory, jupyter_home):
     for front_end in ("lab", "notebook"):  # a copy each: two sessions, and the repository's file untouched
         (root / front_end).mkdir()
         shutil.copy(NOTEBOOK, root / front_end / NOTEBOOK.name)
+        write_notebook(root / front_end / TRANSFORMERS, TRANSFORMER_CELLS)
     # No "would you like news?" toast over the notebook.
     settings = Path(os.environ["JUPYTER_CONFIG_DIR"]) / "lab" / "user-settings" / "@jupyterlab" / "apputils-extension"
     settings.mkdir(parents=True, exist_ok=True)
@@ -133,7 +160,7 @@ def browser(server):
 
 @pytest.fixture
 def page(browser, request):
-    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     yield page
@@ -182,6 +209,8 @@ def run_the_example(page, server: Server, url: str, path: str, name: str):
     # The %%trainstep widget: the result of step 1, a learning-rate slider, a Step button.
     widget = page.locator(".jp-OutputArea-output .widget-vbox", has=page.locator(".widget-slider")).first
     widget.get_by_text("step 1").first.wait_for()
+    # The notes' first step moves fc1's weights by 40% of their norm: flagged, with what to do.
+    expect(widget.locator(".tm-warn").first).to_contain_text("may have blown up")
     slider = widget.locator(".widget-slider", has=page.locator(".widget-label", has_text=re.compile(r"^lr"))).first
     readout = slider.locator(".widget-readout")
     slider.scroll_into_view_if_needed()
@@ -209,10 +238,20 @@ def run_the_example(page, server: Server, url: str, path: str, name: str):
 
         widget.get_by_role("button", name="Step", exact=True).click()
         widget.get_by_text("step 2").first.wait_for()
+        widget.locator("svg", has_text="loss before the step").wait_for()  # two steps: the history plot
 
         # Python itself: the optimizer runs at the dragged rate and took one step.
         assert kernel.value("optimizer.param_groups[0]['lr']") == pytest.approx(chosen, rel=0.01)
         assert kernel.value("len(_steps)") == 1
+
+        # A rate far too high: the step is flagged, with what to do about it.
+        kernel.run("[p for p in Out.values() if type(p).__name__ == 'TrainStepPanel'][-1].slider.value = 1.0")
+        expect(readout).to_have_text("1.00e+0")
+        widget.get_by_role("button", name="Step", exact=True).click()
+        widget.get_by_text("step 3").first.wait_for()
+        expect(widget.locator(".tm-warn").first).to_contain_text("step 3 may have blown up")
+        expect(widget.locator(".tm-warn").first).to_contain_text("Undo takes this step back")
+        assert widget.locator("tr.tm-warn").count() >= 1  # the parameters that moved too far stand out
     finally:
         kernel.close()
 
@@ -220,8 +259,8 @@ def run_the_example(page, server: Server, url: str, path: str, name: str):
     return table, failed, widget
 
 
-BIG_MODEL = ("big = nn.Sequential(*[nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8)) "
-             "for _ in range(10)]) for _ in range(4)])\n%shapes big 1,8")
+BIG_MODEL = ("big = nn.Sequential(*[nn.Sequential(*[nn.Sequential(nn.Linear(8, 8 + k), nn.ReLU(), nn.Linear(8 + k, 8)) "
+             "for k in range(10 * i, 10 * i + 10)]) for i in range(4)])\n%shapes big 1,8")  # no two blocks alike
 
 
 def readme_screenshot(page, content, name: str):
@@ -244,7 +283,7 @@ def test_jupyterlab(page, server):
     shapes, failed, widget = run_the_example(page, server, f"/lab/tree/lab/{NOTEBOOK.name}", f"lab/{NOTEBOOK.name}", "jupyterlab")
     readme_screenshot(page, shapes, "shapes-jupyterlab.png")
     readme_screenshot(page, failed, "shapes-failure-jupyterlab.png")
-    readme_screenshot(page, widget.get_by_role("button", name="Step", exact=True), "trainstep-jupyterlab.png")
+    readme_screenshot(page, widget, "trainstep-jupyterlab.png")
 
     # A model with hundreds of module calls, typed into a new cell: a short table, a row count,
     # and every row one click away in a box that scrolls.
@@ -272,6 +311,9 @@ def test_jupyterlab(page, server):
     check_contrast(big)
     page.screenshot(path=ARTIFACTS / "jupyterlab-dark.png")
     readme_screenshot(page, shapes, "shapes-jupyterlab-dark.png")
+    check_contrast(widget, "svg text")  # the history plot's labels
+    check_contrast(widget, ".tm-warn")
+    readme_screenshot(page, widget, "trainstep-jupyterlab-dark.png")
 
 
 def test_notebook7(page, server):
@@ -279,7 +321,7 @@ def test_notebook7(page, server):
     shapes, failed, widget = run_the_example(page, server, f"/notebooks/notebook/{NOTEBOOK.name}",
                                      f"notebook/{NOTEBOOK.name}", "notebook7")
     check_contrast(shapes)
-    readme_screenshot(page, widget.get_by_role("button", name="Step", exact=True), "trainstep-notebook7.png")
+    readme_screenshot(page, widget, "trainstep-notebook7.png")
 
 
 def check_contrast(output, cell: str = "td"):
@@ -295,5 +337,71 @@ def check_contrast(output, cell: str = "td"):
         const [a, b] = [lum(rgb(color)), lum(rgb(bg ? getComputedStyle(bg).backgroundColor : 'rgb(255,255,255)'))];
         return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
     }""", cell)
-    least = 4.5 if cell == "td" else 3
+    least = 4.5 if cell in ("td", "svg text") else 3
     assert ratio >= least, f"{cell} text contrast {ratio:.2f} on its background"
+
+
+def write_notebook(path: Path, cells: list[str]):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in cells])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+    nbformat.write(nb, path)
+
+
+def widths(output) -> dict:
+    """How wide a result is in px: its output area (scrollWidth, clientWidth), each of its boxes
+    that may scroll sideways, and its widest table as laid out."""
+    return output.evaluate("""(el) => {
+        const area = el.closest('.jp-OutputArea-output');
+        const tables = [...el.querySelectorAll('table')].map(t => t.scrollWidth);
+        return {area: [area.scrollWidth, area.clientWidth],
+                boxes: [...el.querySelectorAll('.tm-fit')].map(b => [b.scrollWidth, b.clientWidth]),
+                table: Math.max(0, ...tables)};
+    }""")
+
+
+@pytest.mark.parametrize("front_end", ["lab", "notebook"])
+def test_transformer_tables_fit_the_output_column(page, server, front_end):
+    """%shapes and %summary of Llama, GPT-2 and BERT, tiny and full-size, at 1280x900: no output
+    area and no table box scrolls sideways. The widths go to artifacts/frontend/widths-*.json."""
+    from playwright.sync_api import expect
+
+    set_theme(server, "JupyterLab Light")
+    url = f"/lab/tree/lab/{TRANSFORMERS}" if front_end == "lab" else f"/notebooks/notebook/{TRANSFORMERS}"
+    page.goto(f"{server.url}{url}?token={server.token}")
+    server.idle_session(f"{front_end}/{TRANSFORMERS}")
+    notebook = page.locator(".jp-NotebookPanel:visible").first  # JupyterLab keeps the example open in a tab too
+    notebook.locator(".jp-Cell").first.wait_for()
+    menu(page, "Run", "Run All Cells")
+    measured, cells = {}, notebook.locator(".jp-CodeCell")
+    for i, source in enumerate(TRANSFORMER_CELLS[1:], start=1):
+        cell = cells.nth(i)
+        cell.scroll_into_view_if_needed()  # JupyterLab renders only the cells near the viewport
+        result = cell.locator(".jp-OutputArea-output .tm-result").first
+        result.wait_for()
+        result.scroll_into_view_if_needed()
+        expect(result.locator(".tm-title")).not_to_be_empty()
+        measured[source] = widths(result)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / f"widths-{front_end}.json").write_text(json.dumps(measured, indent=1))
+    page.screenshot(path=ARTIFACTS / f"transformers-{front_end}.png")
+    for source, w in measured.items():
+        (scroll, client) = w["area"]
+        assert scroll <= client, f"{source}: its output is {scroll} px wide in a {client} px column"
+        for box_scroll, box_client in w["boxes"]:
+            assert box_scroll <= box_client, f"{source}: a table of {box_scroll} px scrolls in {box_client} px"
+    if front_end != "lab":
+        return
+    # A transformer's table for the README: GPT-2 small, its twelve blocks folded into one row.
+    shapes = cells.nth(TRANSFORMER_CELLS.index("%shapes gpt2_small ids")).locator(".tm-result").first
+    expect(shapes).to_contain_text("h.0–11")
+    expect(shapes).to_contain_text("GPT2Block ×12")
+    hover = shapes.locator("td", has_text="h.0–11").first.get_attribute("title")
+    assert hover == "transformer.h.0 … transformer.h.11", hover  # the full names on hover
+    readme_screenshot(page, shapes, "shapes-transformer-jupyterlab.png")
+    menu(page, "Settings", "Theme", "JupyterLab Dark")
+    page.wait_for_function("document.body.dataset.jpThemeLight === 'false' && "
+                           "getComputedStyle(document.body).getPropertyValue('--jp-layout-color0').trim() !== 'white'")
+    check_contrast(shapes)
+    readme_screenshot(page, shapes, "shapes-transformer-jupyterlab-dark.png")
