@@ -272,7 +272,7 @@ def html_table(
     row in a scrolling box behind a <details>."""
     classes = row_classes or [""] * len(rows)
     titles = titles or [""] * len(rows)
-    caps = fit(_widths(columns, rows + (short[0] if short else [])), HTML_WIDTH, squeeze)
+    caps = fit(_widths(columns, rows), HTML_WIDTH, squeeze)
     if len(rows) <= LONG_TABLE and short is None:
         return f'<div class="tm-fit">{_table(columns, rows, numeric, classes, titles, caps)}</div>'
     full = rows[:MAX_HTML_ROWS]
@@ -283,8 +283,9 @@ def html_table(
     if short is None:
         return f'<div class="tm-count">{count(len(rows))} rows</div>{everything}'
     short_rows, short_classes, short_titles, what = short
+    short_caps = fit(_widths(columns, short_rows), HTML_WIDTH, squeeze)  # the short view has room of its own
     return (f'<div class="tm-count">{html.escape(what)}</div>'
-            f'<div class="tm-fit">{_table(columns, short_rows, numeric, short_classes, short_titles, caps)}</div>'
+            f'<div class="tm-fit">{_table(columns, short_rows, numeric, short_classes, short_titles, short_caps)}</div>'
             f"<details><summary>all {count(len(rows))} rows</summary>{everything}</details>")
 
 
@@ -307,12 +308,11 @@ def _table(columns: list[str], rows: list[list[str]], numeric: set[int], classes
 
 
 def html_block(title: str, parts: list[str], notes: list[str] = (), errors: list[str] = (), *,
-               warnings: list[str] = (), errors_first: bool = False) -> str:
-    """A result: its title, warnings, the parts (tables, plots), errors and notes. errors_first:
-    the errors right under the title (an explanation before the table it explains)."""
+               errors_first: bool = False) -> str:
+    """A result: its title, the parts (tables, plots), errors and notes. errors_first: the errors
+    right under the title (an explanation before the table it explains)."""
     errors = [f'<div class="tm-error">{html.escape(e)}</div>' for e in errors]
     out = [_CSS, '<div class="tm-result">', f'<div class="tm-title">{html.escape(title)}</div>']
-    out += [f'<div class="tm-warn">{html.escape(w)}</div>' for w in warnings]
     out += (errors + parts) if errors_first else (parts + errors)
     out += [f'<div class="tm-note">{html.escape(n)}</div>' for n in notes]
     out.append("</div>")

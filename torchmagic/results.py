@@ -2,6 +2,7 @@
 so keeping a result never keeps a model or its memory alive. Each renders itself."""
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass, field
 
 from . import render
@@ -190,7 +191,7 @@ class ShapeTrace(_ModuleTable):
             output = (r.full_outputs or r.outputs) if full else r.outputs
         else:
             output = "✗ raised" if r.status == "failed" else "…"
-        params = (r.total_params or r.params) if params is None else params
+        params = r.total_params if params is None else params
         flops = r.flops if flops is None else flops
         cells = [cls or r.cls, (r.full_inputs or r.inputs) if full else r.inputs, output]
         if "dtype" in self.columns:
@@ -209,7 +210,7 @@ class ShapeTrace(_ModuleTable):
 
     def _merge(self, blocks: list[render.TreeRow], label: str) -> render.TreeRow:
         first = blocks[0].source
-        params = sum(b.source.total_params or b.source.params for b in blocks)
+        params = sum(b.source.total_params for b in blocks)
         flops = sum(b.source.flops for b in blocks)
         cls = f"{first.cls} ×{len(blocks)}"
         return render.TreeRow(name=f"{blocks[0].name} … {blocks[-1].name}", label=label, depth=first.depth,
@@ -455,8 +456,6 @@ class MoveReport(Result):
 
 
 def _html_line(text: str) -> str:
-    import html
-
     return f"<div>{html.escape(text)}</div>"
 
 
@@ -597,8 +596,8 @@ class StepResult(Result):
             classes = ["tm-warn" if id(r) in big else "" for r in self.params]
             table = [render.html_table(self.columns, self._cells(), self._numeric, classes)]
         errors = [self.skipped] if self.skipped else []
-        return render.html_block(self._title(), [_html_line(self._summary())] + table, self.notes, errors,
-                                 warnings=list(filter(None, [self.warning()])))
+        warning = [f'<div class="tm-warn">{html.escape(self.warning())}</div>'] if self.warning() else []
+        return render.html_block(self._title(), [_html_line(self._summary()), *warning, *table], self.notes, errors)
 
 
 # ---------------------------------------------------------------- %memory
@@ -677,8 +676,6 @@ class CellMemory(Result):
         return " · ".join([head, *self._parts(), *filter(None, [self.warning()])])
 
     def _repr_html_(self) -> str:
-        import html
-
         warning = self.warning()
         warn = f' · <span style="color:var(--jp-warn-color0,#b35c00)">{html.escape(warning)}</span>' if warning else ""
         head = f"memory, cell {self.cell}" if self.cell is not None else "memory"

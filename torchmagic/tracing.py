@@ -201,6 +201,7 @@ class Recorder:
         self.flops = 0
         self.activation_bytes = 0
         self.busy = False  # inside our own hooks: ignore the ops they make
+        self.holders: dict[int, int] = {}  # parameter id -> the first row whose module holds it itself
         # The row of a call that just returned to our global hook while the module's own forward
         # hooks (run after the global ones) are still to come: an error now is raised in them.
         self.hooks_pending: int | None = None
@@ -215,7 +216,7 @@ class Recorder:
             row = ShapeRow(name=self._name(module), cls=type(module).__name__, depth=len(self.stack),
                            inputs=describe_call(args, {}), outputs="", dtype=first_dtype(args),
                            params=own_params(module), status="open", full_inputs=describe_call(args, {}, full=True),
-                           total_params=sum(p.numel() for p in module.parameters()))
+                           total_params=self._total_params(module))
             self.stack.append((module, len(self.rows), args))
             self.rows.append(row)
             self.row_modules.append(module)
@@ -224,6 +225,14 @@ class Recorder:
                     explain.check_ids(module, self.values[id(args[0])])
         finally:
             self.busy = False
+
+    def _total_params(self, module) -> int:
+        """The parameters under this call that no earlier call held itself: a tied weight counts in
+        the first module that holds it (and its parents), a module called again counts nothing again."""
+        total = sum(p.numel() for p in module.parameters() if id(p) not in self.holders)
+        for p in module.parameters(recurse=False):
+            self.holders.setdefault(id(p), len(self.rows))
+        return total
 
     def post(self, module, args, kwargs, output):
         self.busy = True

@@ -41,11 +41,11 @@ def history_svg(history: list[tuple[int, float, float]]) -> str:
         return ""
     steps = [h[0] for h in history]
     losses = [h[1] for h in history]
-    plots = [line_svg([(steps, losses, "loss before the step")], x_label="step", height=150,
+    plots = [line_svg([(steps, losses, "loss before the step")], x_label="step", y_label="loss", height=150,
                       log_y=wide_range(losses), x_format=lambda x: f"{x:.0f}")]
     if len({h[2] for h in history}) > 1:
-        plots.append(line_svg([(steps, [h[2] for h in history], "lr")], x_label="step", log_y=True, height=110,
-                              x_format=lambda x: f"{x:.0f}"))
+        plots.append(line_svg([(steps, [h[2] for h in history], "lr")], x_label="step", y_label="lr", log_y=True,
+                              height=110, x_format=lambda x: f"{x:.0f}"))
     return f"<div>{'<br>'.join(plots)}</div>"
 
 

@@ -268,7 +268,7 @@ def readme_screenshot(page, content, name: str):
     for the README, written only when asked (TORCHMAGIC_UPDATE_SCREENSHOTS=1)."""
     if not UPDATE_SCREENSHOTS:
         return
-    page.locator(".jp-Notebook .jp-Cell").first.click()  # no cell of the picture is the active one
+    page.locator(".jp-NotebookPanel:visible .jp-Cell").first.click()  # no cell of the picture is the active one
     cell = content.locator("xpath=ancestor::div[contains(concat(' ', @class, ' '), ' jp-Cell ')]").first
     cell.scroll_into_view_if_needed()
     box, inner = cell.bounding_box(), content.bounding_box()
