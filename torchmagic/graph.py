@@ -8,7 +8,10 @@ import html
 import json
 import shutil
 import subprocess
+import sys
+import sysconfig
 import textwrap
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import torch.nn.functional as F
@@ -22,7 +25,8 @@ LAYER_OPS = frozenset(n for n, f in vars(F).items() if callable(f) and not n.sta
                       and getattr(f, "__module__", "") == F.__name__)
 MAX_DRAWN = 600  # nodes: beyond this a drawing is no longer readable (and dot slow): --depth folds it
 GET_DOT = ("Graphviz's dot program draws the graph and is not installed: apt-get install graphviz "
-           "(conda install graphviz, brew install graphviz on a Mac); the text tree needs nothing")
+           "(conda install graphviz, brew install graphviz on a Mac), or pip install graphviz-pure; "
+           "print() shows the text tree without it")
 
 
 @dataclass
@@ -82,7 +86,8 @@ class FlowGraph(Result):
 
     def _title(self) -> str:
         folded = sum(n.repeat > 1 for n in self.nodes) + sum(b.repeat > 1 for b in self.boxes)
-        what = f"{len(self.nodes)} nodes, {len(self.edges)} edges" + (f", {folded} repeated blocks folded" if folded else "")
+        what = f"{len(self.nodes)} nodes, {len(self.edges)} edges"
+        what += f", {folded} run{'s' if folded > 1 else ''} of repeated blocks folded" if folded else ""
         return f"{self.model}: data flow, {what} ({self.mode} mode{', failed' if self.failure else ''})"
 
     def _notes(self) -> list[str]:
@@ -330,7 +335,8 @@ class _Flow:
             for chain, shape, dtype in r.results:
                 self._edge(chain, target, shape, dtype)
             if len(self.edges) > before:
-                self.outs.append(Node(target, "output", "output", "output", r.outputs))
+                shapes = ", ".join(e.shape for e in list(self.edges.values())[before:])
+                self.outs.append(Node(target, "output", "output", "output", shapes))
 
     def _dtypes(self, nodes: list[Node]):
         """A dtype is shown on an input's edges and where it changes: an edge whose dtype is not one
@@ -369,11 +375,21 @@ class Placed:
     note: tuple[float, float, float, float] | None = None  # the failure's explanation
 
 
-def _label(n: Node) -> tuple[list[str], float]:
+def _short(graph: FlowGraph) -> dict[str, str]:
+    """Names inside a box without the box's own prefix: `q_proj` in the box `layers.0.self_attn`."""
+    names = {b.id: b.name for b in graph.boxes}
+    short = {}
+    for item in [*graph.boxes, *graph.nodes]:
+        prefix = names.get(item.box, "").split(" … ")[0] + "."
+        short[item.id] = item.name[len(prefix):] if prefix != "." and item.name.startswith(prefix) else item.name
+    return short
+
+
+def _label(n: Node, name: str) -> tuple[list[str], float]:
     """The lines of a node's label and its width in px."""
     if n.kind in ("op", "input", "output"):
-        return [n.name], len(n.name) * SMALL + 18
-    lines = [n.name, n.cls + _times(n.repeat)]
+        return [name], len(name) * SMALL + 18
+    lines = [name, n.cls + _times(n.repeat)]
     return lines, max(len(lines[0]) * CHAR, len(lines[1]) * SMALL) + 20
 
 
@@ -388,11 +404,12 @@ def _dot_source(graph: FlowGraph) -> str:
     def q(s: str) -> str:
         return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
+    short = _short(graph)
     out = ['digraph flow {', 'graph [rankdir=TB, nodesep=0.3, ranksep=0.32, newrank=true, fontname="Courier", fontsize=10];',
            'node [shape=box, fixedsize=true, label=""];', 'edge [fontname="Courier", fontsize=10, arrowsize=0.7];']
     inside: dict[str, list[str]] = {}
     for n in graph.nodes:
-        _, width = _label(n)
+        _, width = _label(n, short[n.id])
         height = 22 if n.kind in ("op", "input", "output") else 34
         inside.setdefault(n.box, []).append(f"{q(n.id)} [width={width / 72:.3f}, height={height / 72:.3f}];")
     failed = next((n for n in graph.nodes if n.status == "failed"), None)
@@ -409,7 +426,7 @@ def _dot_source(graph: FlowGraph) -> str:
     def emit(box_id: str):
         out.extend(inside.get(box_id, []))
         for b in kids.get(box_id, []):
-            title = (b.name + "  " + b.cls + _times(b.repeat))
+            title = short[b.id] + "  " + b.cls + _times(b.repeat)
             out.append(f'subgraph {q("cluster_" + b.id)} {{ label={q(title)}; labeljust=l; margin=10;')
             emit(b.id)
             out.append("}")
@@ -428,9 +445,20 @@ def _points(text: str) -> list[tuple[float, float]]:
     return [tuple(float(v) for v in p.split(",")[-2:]) for p in text.split()]
 
 
+def find_dot() -> str | None:
+    """Graphviz's dot, or graphviz-pure's port of it (a pip package: its program lands beside this
+    Python, which a notebook kernel may not have on its PATH)."""
+    scripts = [sysconfig.get_path("scripts"), str(Path(sys.executable).parent)]
+    for name in ("dot", "graphviz-pure"):
+        found = shutil.which(name) or next(filter(None, (shutil.which(name, path=p) for p in scripts)), None)
+        if found:
+            return found
+    return None
+
+
 def layout(graph: FlowGraph) -> Placed:
     """Positions from Graphviz's dot (as JSON); a one-line TorchMagicError without it."""
-    dot = shutil.which("dot")
+    dot = find_dot()
     if dot is None:
         raise TorchMagicError(GET_DOT)
     if len(graph.nodes) > MAX_DRAWN:
@@ -502,6 +530,7 @@ _SVG_STYLE = (
     "fill-opacity:1;font-weight:bold}"
     ".tm-graph .note text{font-weight:normal}"
     ".tm-graph .bold{font-weight:bold}"
+    ".tm-graph .note line{stroke:var(--jp-error-color1,var(--vscode-errorForeground,#d32f2f))}"
 )
 
 
@@ -516,13 +545,13 @@ def draw(graph: FlowGraph, placed: Placed) -> str:
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="tm-graph" viewBox="{-pad} {-pad} {width:.0f} {height:.0f}" '
            f'width="{width:.0f}" height="{height:.0f}" style="max-width:100%;height:auto" role="img">',
            f"<title>{html.escape(graph._title())}</title><style>{_SVG_STYLE}</style>"]
-    boxes = {b.id: b for b in graph.boxes}
+    boxes, short = {b.id: b for b in graph.boxes}, _short(graph)
     for box_id, (x, y, w, h) in placed.boxes.items():
-        b = boxes[box_id]
+        b, name = boxes[box_id], short[box_id]
         cls = "box repeat" if b.repeat > 1 else "box"
         out.append(f'<g class="{cls}"><rect x="{x:.1f}" y="{y:.1f}" width="{w:.1f}" height="{h:.1f}" rx="6"/>'
-                   + _text(x + 6, y + 9, b.name + "  ", "small bold", "start")
-                   + _text(x + 6 + (len(b.name) + 2) * SMALL, y + 9, b.cls + _times(b.repeat), "small dim", "start")
+                   + _text(x + 6, y + 9, name, "small bold", "start")
+                   + _text(x + 6 + (len(name) + 2) * SMALL, y + 9, b.cls + _times(b.repeat), "small dim", "start")
                    + "</g>")
     for edge, spline, tip, label in placed.edges:
         path = f"M{spline[0][0]:.1f},{spline[0][1]:.1f}" + "".join(
@@ -538,7 +567,7 @@ def draw(graph: FlowGraph, placed: Placed) -> str:
         x, y, w, h = placed.nodes[n.id]
         kind = {"input": "node io", "output": "node io", "op": "node op"}.get(n.kind, "node")
         cls = kind + (" failed" if n.status == "failed" else "")
-        lines, _ = _label(n)
+        lines, _ = _label(n, short[n.id])
         rx = h / 2 if n.kind != "module" else 4
         parts = [f'<g class="{cls}"><rect x="{x - w / 2:.1f}" y="{y - h / 2:.1f}" width="{w:.1f}" height="{h:.1f}" rx="{rx:.1f}"/>']
         if len(lines) == 1:
@@ -550,7 +579,10 @@ def draw(graph: FlowGraph, placed: Placed) -> str:
         x, y, w, h = placed.note
         lines = _note_lines(graph.failure)
         top = y - h / 2
-        out.append(f'<g class="note"><rect x="{x - w / 2:.1f}" y="{top:.1f}" width="{w:.1f}" height="{h:.1f}" rx="4"/>'
+        fx, fy, fw, _ = next(placed.nodes[n.id] for n in graph.nodes if n.status == "failed")
+        start, end = (fx + fw / 2, x - w / 2) if x > fx else (fx - fw / 2, x + w / 2)
+        out.append(f'<g class="note"><line x1="{start:.1f}" y1="{fy:.1f}" x2="{end:.1f}" y2="{fy:.1f}" '
+                   f'stroke-dasharray="4 3"/><rect x="{x - w / 2:.1f}" y="{top:.1f}" width="{w:.1f}" height="{h:.1f}" rx="4"/>'
                    + "".join(_text(x - w / 2 + 8, top + 5 + LINE * (i + 0.5), s, "small", "start") for i, s in enumerate(lines))
                    + "</g>")
     out.append("</svg>")
