@@ -143,13 +143,12 @@ class FlowGraph(Result):
         return str(path)
 
     def _repr_html_(self) -> str:
-        errors = self.failure.lines() if self.failure else []
         try:
             picture = f'<div class="tm-graph-view">{self.svg()}</div>'
         except TorchMagicError as e:  # no dot, or too big to draw: the text tree, and how to get the picture
             picture = f'<pre class="tm-graph-text">{html.escape(self.to_text())}</pre>'
             return render.html_block(self._title(), [picture], [str(e)])
-        return render.html_block(self._title(), [picture], self._notes(), errors)
+        return render.html_block(self._title(), [picture], self._notes())  # the failure's why and fix are drawn
 
 
 def _times(repeat: int) -> str:
@@ -289,7 +288,7 @@ class _Flow:
                 self._edge(chain, f"r{rid}", shape, dtype)
         self._outputs()
         nodes = [*self.inputs.values(), *(self.nodes[k] for k in sorted(self.nodes)), *self.outs]
-        self._dtypes(nodes)
+        self._dtypes()
         return FlowGraph(trace.model, nodes, list(self.edges.values()), [self.boxes[k] for k in sorted(self.boxes)],
                          trace.failure, trace.mode, self.depth)
 
@@ -338,14 +337,18 @@ class _Flow:
                 shapes = ", ".join(e.shape for e in list(self.edges.values())[before:])
                 self.outs.append(Node(target, "output", "output", "output", shapes))
 
-    def _dtypes(self, nodes: list[Node]):
-        """A dtype is shown on an input's edges and where it changes: an edge whose dtype is not one
-        its source received."""
+    def _dtypes(self):
+        """A dtype is shown on an input's first edge and where it changes: on an edge whose dtype is
+        not one its source received."""
         received: dict[str, set[str]] = {}
         for e in self.edges.values():
             received.setdefault(e.target, set()).add(e.dtype)
+        labelled = set()
         for e in self.edges.values():
-            if not e.source.startswith("in") and e.dtype in received.get(e.source, {e.dtype}):
+            if e.source.startswith("in"):  # an input's dtype, on its first edge
+                e.dtype = "" if e.source in labelled else e.dtype
+                labelled.add(e.source)
+            elif e.dtype in received.get(e.source, {e.dtype}):
                 e.dtype = ""
 
 
