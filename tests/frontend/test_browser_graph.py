@@ -128,11 +128,14 @@ def shoot(page, output, name: str, theme: str):
     output.evaluate("(el) => el.scrollIntoView({block: 'start'})")
     page.screenshot(path=ARTIFACTS / f"graph-{name}-{theme}.png")
     readme = README.get((name, theme))
-    if UPDATE_SCREENSHOTS and readme:
-        box = output.bounding_box()
+    if UPDATE_SCREENSHOTS and readme:  # the output in view, cut off right of the drawing and its note
+        box, drawing = output.bounding_box(), output.locator("svg.tm-graph").bounding_box()
+        panel = page.locator(".jp-Notebook").first.bounding_box()  # the status bar below it is not the output's
+        top = max(box["y"], panel["y"])
+        width = min(box["width"], max(drawing["x"] + drawing["width"] - box["x"] + 24, 560))
+        height = min(box["y"] + box["height"], panel["y"] + panel["height"]) - top
         DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=DOCS_IMAGES / readme, clip={"x": box["x"], "y": max(box["y"], 0), "width": box["width"],
-                                                         "height": min(box["height"], 900 - max(box["y"], 0))})
+        page.screenshot(path=DOCS_IMAGES / readme, clip={"x": box["x"], "y": top, "width": width, "height": height})
 
 
 def check_drawings(page, outputs: dict, theme: str):
