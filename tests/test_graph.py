@@ -162,3 +162,12 @@ def test_without_graphviz_one_line_says_how_to_get_it(notes, monkeypatch, tmp_pa
 def test_graph_options_are_checked(notes):
     assert "--depth -1 is negative" in notes.usage_error("%shapes net 1,1,32,32 --graph --depth -1")
     assert "%%shapes traces the cell" in notes.usage_error("%%shapes net --graph\nnet(input)\n")
+
+
+def test_outputs_inside_a_dataclass_tuple_and_dict(shell):
+    shell.ns["heads"] = zoo.Heads()
+    g = shell.run("%shapes heads 2,12 --graph")
+    into = sorted((e.source, e.shape) for e in g.into("output"))
+    ids = {n.name: n.id for n in g.nodes}
+    assert into == sorted([(ids["body"], "[2, 8]"), (ids["named"], "[2, 12]"), (ids["split"], "[2, 8]"),
+                           (ids["split"], "[2, 4]")])

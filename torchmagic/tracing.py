@@ -79,6 +79,15 @@ def own_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters(recurse=False))
 
 
+def _tensor_leaves(value, depth: int = 0):
+    """The tensors inside value, dataclasses (a model's output object) opened too."""
+    for leaf in torch.utils._pytree.tree_leaves(value):
+        if isinstance(leaf, torch.Tensor):
+            yield leaf
+        elif depth < 3 and dataclasses.is_dataclass(leaf) and not isinstance(leaf, type):
+            yield from _tensor_leaves([getattr(leaf, f.name) for f in dataclasses.fields(leaf)], depth + 1)
+
+
 def _has_tensor(value) -> bool:
     return any(isinstance(t, torch.Tensor) for t in torch.utils._pytree.tree_leaves(value))
 
@@ -157,11 +166,10 @@ class Recorder:
 
     def _sources(self, value, outer: bool) -> list[tuple[tuple[int, ...], str, str]]:
         out = []
-        for t in torch.utils._pytree.tree_leaves(value):
-            if isinstance(t, torch.Tensor):
-                chain = self._chain(t, outer)
-                if chain is not None:
-                    out.append((chain, format_shape(t.shape), str(t.dtype).removeprefix("torch.")))
+        for t in _tensor_leaves(value):
+            chain = self._chain(t, outer)
+            if chain is not None:
+                out.append((chain, format_shape(t.shape), str(t.dtype).removeprefix("torch.")))
         return out
 
     def mark_inputs(self, args: tuple, kwargs: dict):
@@ -213,12 +221,11 @@ class Recorder:
     def _returned(self, row: ShapeRow, output):
         """A module's outputs are now its own; one made inside it (a later row) keeps that row's chain
         behind the module's id, so the graph can draw the module closed or opened."""
-        for t in torch.utils._pytree.tree_leaves(output):
-            if isinstance(t, torch.Tensor):
-                inner = self._chain(t, outer=False)
-                inner = inner if inner is not None and inner[0] > row.id else (row.id,)
-                row.results.append((inner, format_shape(t.shape), str(t.dtype).removeprefix("torch.")))
-                self._made(t, (row.id,) + inner if inner[0] != row.id else inner)
+        for t in _tensor_leaves(output):
+            inner = self._chain(t, outer=False)
+            inner = inner if inner is not None and inner[0] > row.id else (row.id,)
+            row.results.append((inner, format_shape(t.shape), str(t.dtype).removeprefix("torch.")))
+            self._made(t, (row.id,) + inner if inner[0] != row.id else inner)
 
     def op(self, func, args, kwargs, out, failed: bool):
         if self.busy or not self._in_user_code():
@@ -241,9 +248,8 @@ class Recorder:
                 parent=self.stack[-1][1] if self.stack else -1, sources=self._sources((args, kwargs), not self.stack))
             self.rows.append(row)
             self.row_modules.append(None)
-            for t in torch.utils._pytree.tree_leaves(out):
-                if isinstance(t, torch.Tensor):
-                    self._made(t, (row.id,))
+            for t in _tensor_leaves(out):
+                self._made(t, (row.id,))
         finally:
             self.busy = False
 
