@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from frontend_support import ARTIFACTS, BIN, DOCS_IMAGES, ROOT, need
+from frontend_support import ARTIFACTS, BIN, DOCS_IMAGES, ROOT, need, need_module
 from test_browser import TIMEOUT_MS, UPDATE_SCREENSHOTS, Server, browser, menu, set_theme  # noqa: F401  (browser: a fixture)
 
 NOTEBOOK = "graphs.ipynb"
@@ -49,6 +49,7 @@ def server(tmp_path_factory, jupyter_home):
     from torchmagic.graph import find_dot
 
     need(find_dot() is not None, "Graphviz's dot is not installed (apt-get install graphviz)")
+    need_module("transformers")
     nbformat = pytest.importorskip("nbformat")
     root = tmp_path_factory.mktemp("graph-root")
     cells = [nbformat.v4.new_code_cell(SETUP)] + [nbformat.v4.new_code_cell(code) for _, code, _ in CELLS]
