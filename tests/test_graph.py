@@ -172,3 +172,12 @@ def test_outputs_inside_a_dataclass_tuple_and_dict(shell):
     ids = {n.name: n.id for n in g.nodes}
     assert into == sorted([(ids["body"], "[2, 8]"), (ids["named"], "[2, 12]"), (ids["split"], "[2, 8]"),
                            (ids["split"], "[2, 4]")])
+
+
+def test_a_large_models_kept_result_says_how_to_draw_it(shell):
+    shell.run("import torch\nbig = torch.nn.Sequential(torch.nn.Linear(1000, 1001), torch.nn.ReLU())")
+    shell.run("t = %shapes big 1,1000")  # over a million parameters: the ops between modules cost time, skipped
+    err = shell.error("t.graph()")
+    assert "%shapes big INPUT --graph records them" in str(err) and "\n" not in str(err)
+    g = shell.run("%shapes big 1,1000 --graph")
+    assert names(g) == ["input", "0", "1", "output"]

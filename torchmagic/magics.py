@@ -291,7 +291,7 @@ class TorchMagics(Magics):
             raise TorchMagicError("give the model and its input, e.g. %shapes net 1,1,32,32")
         model = self._module(args.model)
         trace = tracing.trace_shapes(model, self._inputs(args.inputs), name=args.model, mode=args.mode or self.shape_mode,
-                                     depth=args.depth, ops=args.ops)
+                                     depth=args.depth, ops=args.ops, graph=args.graph)
         return trace.graph(depth=args.depth) if args.graph else trace
 
     def _shapes_cell(self, line, cell):

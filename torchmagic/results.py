@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import render
+from .errors import TorchMagicError
 
 
 class Result:
@@ -108,6 +109,9 @@ class ShapeTrace(Result):
         (SVG in a notebook, a text tree in the terminal; .save("net.svg") writes a file)."""
         from .graph import build_graph
 
+        if self.rows and not self.flow:
+            raise TorchMagicError(f"{self.model}'s trace skipped the ops between its modules (they cost time on a "
+                                  f"large model): %shapes {self.model} INPUT --graph records them and draws it")
         return build_graph(self, depth=depth)
 
     def row(self, name: str) -> ShapeRow:

@@ -144,6 +144,7 @@ class Recorder:
         # Ids are reused once a tensor dies: the reference tells a live entry from a stale one.
         self.made: dict[int, tuple[weakref.ref, tuple[int, ...]]] = {}
         self.outside = 0  # tensors from outside the trace seen so far (the inputs)
+        self.with_ops = False  # the op recorder ran: the flow between modules is whole
 
     def _chain(self, t: torch.Tensor, outer: bool) -> tuple[int, ...] | None:
         """The rows that produced t; a tensor from outside becomes an input when `outer` (it reaches a
@@ -310,6 +311,7 @@ class _Ops(TorchFunctionMode):
     def __init__(self, recorder: Recorder):
         super().__init__()
         self.recorder = recorder
+        recorder.with_ops = True
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         __tracebackhide__ = True  # noqa: F841  tracebacks of the user's code do not show this frame
@@ -429,7 +431,7 @@ def _shadow_values(shadow: fake.Shadow, model: nn.Module, values: list) -> list:
     return [convert(v) for v in values]
 
 
-def _run(model: nn.Module, values: list, name: str, mode: str) -> tuple[Recorder, ShapeFailure | None, bool]:
+def _run(model: nn.Module, values: list, name: str, mode: str, ops: bool) -> tuple[Recorder, ShapeFailure | None, bool]:
     """One forward in this mode under the guard. Returns the recorder, the failure, and whether the
     failure came from reading values that fake/meta tensors lack."""
     failure, needs_values = None, False
@@ -447,7 +449,7 @@ def _run(model: nn.Module, values: list, name: str, mode: str) -> tuple[Recorder
                 raise TorchMagicError(f"{mode} mode cannot copy the model or input ({type(e).__name__}: {e}); "
                                       f"use --mode real") from None
         recorder = Recorder(module_names(model, name), values=shadow.values if shadow else None)
-        with recording(recorder):
+        with recording(recorder, ops=ops):
             try:
                 recorder.mark_inputs(args, kwargs)
                 if shadow is not None:
@@ -466,7 +468,7 @@ def _run(model: nn.Module, values: list, name: str, mode: str) -> tuple[Recorder
 
 
 def trace_shapes(model: nn.Module, values: list, *, name: str, mode: str = "auto", depth: int | None = None,
-                 ops: bool = False) -> ShapeTrace:
+                 ops: bool = False, graph: bool = False) -> ShapeTrace:
     """One forward pass under no_grad; the model, its buffers and the RNG are left as they were.
     values: the magic's inputs (ShapeSpecs and objects), turned into the call in the chosen mode."""
     if mode not in MODES:
@@ -479,16 +481,21 @@ def trace_shapes(model: nn.Module, values: list, *, name: str, mode: str = "auto
         if mode == "real" and any(not fake.has_data(t) for t in _tensors(model)):
             raise TorchMagicError(f"{name} has meta or fake tensors, which hold no data for a real forward: "
                                   f"use --mode meta or --mode fake")
-    # The op recorder always runs: the explanation of a failure names the view or flatten that made the
-    # input, and the graph (t.graph() on any kept result) needs the ops between modules.
-    recorder, failure, needs_values = _run(model, values, name, mode)
+    # The op recorder costs time (a tenth to a quarter more on large models): it runs for --ops, for
+    # the graph (the ops between modules are part of the flow), and for small models, whose kept result
+    # can then draw its graph too.
+    record = ops or graph or sum(p.numel() for p in model.parameters()) <= REAL_LIMIT
+    recorder, failure, needs_values = _run(model, values, name, mode, record)
+    if failure is not None and not record and not needs_values:
+        # Again with the op recorder: the explanation names the view or flatten that made the input.
+        recorder, failure, needs_values = _run(model, values, name, mode, True)
     if needs_values:
         has_data = all(fake.has_data(t) for t in _tensors(model))
         if why != "asked for" and has_data:
             notes.append(f"{mode} mode stopped at {failure.module}: it reads tensor values, which {mode} tensors "
                          f"lack; ran a real forward instead")
             mode, why = "real", "fell back from " + mode
-            recorder, failure, needs_values = _run(model, values, name, "real")
+            recorder, failure, needs_values = _run(model, values, name, "real", True)
         else:
             failure.explanation = (f"{failure.module} reads tensor values (e.g. .item(), nonzero or a boolean "
                                    f"mask), which {mode} tensors do not have")
@@ -509,7 +516,7 @@ def _result(recorder: Recorder, failure, *, name, mode, why, depth, ops, notes) 
         rows, hidden = shown, len(rows) - len(shown)
     return ShapeTrace(model=name, rows=rows, mode=mode, why=why, failure=failure, hidden=hidden, notes=notes,
                       flops=recorder.flops if fake.Counter is not None else None,
-                      activation_bytes=recorder.activation_bytes, flow=recorder.rows)
+                      activation_bytes=recorder.activation_bytes, flow=recorder.rows if recorder.with_ops else [])
 
 
 # ---------------------------------------------------------------- %%shapes
