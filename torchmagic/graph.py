@@ -180,6 +180,7 @@ class _Flow:
         self.boxes: dict[int, Box] = {}
         self.edges: dict[tuple[str, str, str], Edge] = {}
         self.inputs: dict[str, Node] = {}
+        self.outs: list[Node] = []
 
     def _ends(self) -> list[int]:
         """One past the last row of each row's subtree (a call's rows follow it, in call order)."""
@@ -213,8 +214,8 @@ class _Flow:
     def visible(self, rid: int) -> bool:
         return self.depth is None or self.rows[rid].depth <= self.depth
 
-    # which rows are nodes, boxes, or neither, in call order (sources always come earlier)
     def classify(self):
+        """Which rows are nodes, boxes, or neither, in call order (a row's sources come before it)."""
         for r in self.rows:
             if self._up(r.id) != r.id or not self.visible(r.id):
                 continue
@@ -322,7 +323,6 @@ class _Flow:
     def _outputs(self):
         """What the top-level calls returned that no later call used: the outputs."""
         used = {k for r in self.rows for chain, _, _ in r.sources for k in chain}
-        self.outs = []
         for top in self.kids.get(-1, []):
             r = self.rows[top]
             if top in used or r.status != "ok":
