@@ -6,6 +6,7 @@ import html
 from dataclasses import dataclass, field
 
 from . import render
+from .errors import TorchMagicError
 
 
 class Result:
@@ -98,6 +99,15 @@ class ShapeRow:
     full_inputs: str = ""  # every argument, None ones too
     full_outputs: str = ""
     total_params: int = 0  # of the module and everything under it, tied weights once
+    # The data flow, for the graph. id: this row's place in the trace; parent: the call whose forward
+    # made it (-1: none). sources: each tensor it consumed as (chain, shape, dtype), where chain names
+    # the rows that produced the tensor, outermost first (a block that returned its conv's output:
+    # (block, conv)); (-k,) is the k-th tensor from outside the trace (an input). results: the same for
+    # a module's outputs, as they came from inside it (its own id alone when it made them itself).
+    id: int = -1
+    parent: int = -1
+    sources: list[tuple[tuple[int, ...], str, str]] = field(default_factory=list)
+    results: list[tuple[tuple[int, ...], str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -158,11 +168,21 @@ class ShapeTrace(_ModuleTable):
     params: int = 0
     param_bytes: int = 0
     attention: bool = False  # the forward ran an attention (its FLOPs are counted too)
-    hidden_ops: int = 0  # elementwise ops left out (--ops shows them)
+    flow: list[ShapeRow] = field(default_factory=list)  # every recorded row (ops and all depths): the graph's
 
     @property
     def ok(self) -> bool:
         return self.failure is None
+
+    def graph(self, depth: int | None = None):
+        """The data flow drawn: module calls and shape-changing ops as nodes, shapes on the edges
+        (SVG in a notebook, a text tree in the terminal; .save("net.svg") writes a file)."""
+        from .graph import build_graph
+
+        if self.rows and not self.flow:
+            raise TorchMagicError(f"{self.model}'s trace skipped the ops between its modules (they cost time on a "
+                                  f"large model): %shapes {self.model} INPUT --graph records them and draws it")
+        return build_graph(self, depth=depth)
 
     def row(self, name: str) -> ShapeRow:
         """The first call of the module with this qualified name."""
@@ -241,8 +261,6 @@ class ShapeTrace(_ModuleTable):
         notes += self.notes
         if self.hidden:
             notes.append(f"{self.hidden} deeper calls hidden by --depth")
-        if self.hidden_ops:
-            notes.append(f"{self.hidden_ops} elementwise ops (same shape in and out) not shown: --ops shows them")
         return notes
 
     def _classes(self) -> list[str]:

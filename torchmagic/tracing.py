@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import weakref
 
 import torch
 from torch import nn
@@ -125,6 +126,15 @@ def own_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters(recurse=False))
 
 
+def _tensor_leaves(value, depth: int = 0):
+    """The tensors inside value, dataclasses (a model's output object) opened too."""
+    for leaf in torch.utils._pytree.tree_leaves(value):
+        if isinstance(leaf, torch.Tensor):
+            yield leaf
+        elif depth < 3 and dataclasses.is_dataclass(leaf) and not isinstance(leaf, type):
+            yield from _tensor_leaves([getattr(leaf, f.name) for f in dataclasses.fields(leaf)], depth + 1)
+
+
 def _has_tensor(value) -> bool:
     return any(isinstance(t, torch.Tensor) for t in torch.utils._pytree.tree_leaves(value))
 
@@ -205,6 +215,42 @@ class Recorder:
         # The row of a call that just returned to our global hook while the module's own forward
         # hooks (run after the global ones) are still to come: an error now is raised in them.
         self.hooks_pending: int | None = None
+        # The data flow: id(tensor) -> (a weak reference to it, the chain of rows that produced it).
+        # Ids are reused once a tensor dies: the reference tells a live entry from a stale one.
+        self.made: dict[int, tuple[weakref.ref, tuple[int, ...]]] = {}
+        self.outside = 0  # tensors from outside the trace seen so far (the inputs)
+        self.with_ops = False  # the op recorder ran: the flow between modules is whole
+
+    def _chain(self, t: torch.Tensor, outer: bool) -> tuple[int, ...] | None:
+        """The rows that produced t; a tensor from outside becomes an input when `outer` (it reaches a
+        top-level call, or the model's own call), else None (a parameter, a buffer, a constant)."""
+        entry = self.made.get(id(t))
+        if entry is not None and entry[0]() is t:
+            return entry[1]
+        if not outer:
+            return None
+        self.outside += 1
+        chain = (-self.outside,)
+        self._made(t, chain)
+        return chain
+
+    def _made(self, t: torch.Tensor, chain: tuple[int, ...]):
+        try:
+            self.made[id(t)] = (weakref.ref(t), chain)
+        except TypeError:  # a tensor subclass without weak references: its flow is not drawn
+            pass
+
+    def _sources(self, value, outer: bool) -> list[tuple[tuple[int, ...], str, str]]:
+        out = []
+        for t in _tensor_leaves(value):
+            chain = self._chain(t, outer)
+            if chain is not None:
+                out.append((chain, format_shape(t.shape), str(t.dtype).removeprefix("torch.")))
+        return out
+
+    def mark_inputs(self, args: tuple, kwargs: dict):
+        """The model call's own tensors are the graph's inputs (kwargs too, which pre hooks do not see)."""
+        self._sources((args, kwargs), outer=True)
 
     def _name(self, module) -> str:
         return self.names.get(id(module), type(module).__name__)
@@ -216,7 +262,9 @@ class Recorder:
             row = ShapeRow(name=self._name(module), cls=type(module).__name__, depth=len(self.stack),
                            inputs=describe_call(args, {}), outputs="", dtype=first_dtype(args),
                            params=own_params(module), status="open", full_inputs=describe_call(args, {}, full=True),
-                           total_params=self._total_params(module))
+                           total_params=self._total_params(module), id=len(self.rows),
+                           parent=self.stack[-1][1] if self.stack else -1,
+                           sources=self._sources(args, outer=not self.stack))
             self.stack.append((module, len(self.rows), args))
             self.rows.append(row)
             self.row_modules.append(module)
@@ -246,12 +294,23 @@ class Recorder:
                     row.inputs, row.full_inputs = describe_call(args, kwargs), describe_call(args, kwargs, full=True)
                     row.outputs, row.full_outputs, row.status = describe(output), describe(output, full=True), "ok"
                     row.dtype = first_dtype(output) or row.dtype
+                    row.sources += self._sources(kwargs, outer=not self.stack)
+                    self._returned(row, output)
                     if module._forward_hooks:
                         self.hooks_pending = index
                     break
                 self.rows[index].status = "failed"
         finally:
             self.busy = False
+
+    def _returned(self, row: ShapeRow, output):
+        """A module's outputs are now its own; one made inside it (a later row) keeps that row's chain
+        behind the module's id, so the graph can draw the module closed or opened."""
+        for t in _tensor_leaves(output):
+            inner = self._chain(t, outer=False)
+            inner = inner if inner is not None and inner[0] > row.id else (row.id,)
+            row.results.append((inner, format_shape(t.shape), str(t.dtype).removeprefix("torch.")))
+            self._made(t, (row.id,) + inner if inner[0] != row.id else inner)
 
     def op(self, func, args, kwargs, out, failed: bool):
         if self.busy or not self._in_user_code():
@@ -267,13 +326,17 @@ class Recorder:
         self.busy = True
         try:
             tensor_kwargs = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
-            self.rows.append(ShapeRow(
+            row = ShapeRow(
                 name=name.strip("_"), cls="op", depth=len(self.stack),
                 inputs=describe_call(args, tensor_kwargs), outputs="" if failed else describe(out),
                 dtype=first_dtype(out) or first_dtype(args), params=0, status="failed" if failed else "ok", kind="op",
                 full_inputs=describe_call(args, tensor_kwargs, full=True),
-                full_outputs="" if failed else describe(out, full=True)))
+                full_outputs="" if failed else describe(out, full=True), id=len(self.rows),
+                parent=self.stack[-1][1] if self.stack else -1, sources=self._sources((args, kwargs), not self.stack))
+            self.rows.append(row)
             self.row_modules.append(None)
+            for t in _tensor_leaves(out):
+                self._made(t, (row.id,))
         finally:
             self.busy = False
 
@@ -327,12 +390,14 @@ class Recorder:
         self.stack.clear()
         self.row_modules.clear()
         self.values = {}
+        self.made = {}
 
 
 class _Ops(TorchFunctionMode):
     def __init__(self, recorder: Recorder):
         super().__init__()
         self.recorder = recorder
+        recorder.with_ops = True
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         __tracebackhide__ = True  # noqa: F841  tracebacks of the user's code do not show this frame
@@ -472,6 +537,7 @@ def _run(model: nn.Module, values: list, name: str, mode: str, ops: bool) -> tup
         recorder = Recorder(module_names(model, name), values=shadow.values if shadow else None)
         with recording(recorder, ops=ops):
             try:
+                recorder.mark_inputs(args, kwargs)
                 if shadow is not None:
                     shadow.call(model, state, args, kwargs)
                 else:
@@ -488,7 +554,7 @@ def _run(model: nn.Module, values: list, name: str, mode: str, ops: bool) -> tup
 
 
 def trace_shapes(model: nn.Module, values: list, *, name: str, mode: str = "auto", depth: int | None = None,
-                 ops: bool = False) -> ShapeTrace:
+                 ops: bool = False, graph: bool = False) -> ShapeTrace:
     """One forward pass under no_grad; the model, its buffers and the RNG are left as they were.
     values: the magic's inputs (ShapeSpecs and objects), turned into the call in the chosen mode."""
     if mode not in MODES:
@@ -501,12 +567,13 @@ def trace_shapes(model: nn.Module, values: list, *, name: str, mode: str = "auto
         if mode == "real" and any(not fake.has_data(t) for t in _tensors(model)):
             raise TorchMagicError(f"{name} has meta or fake tensors, which hold no data for a real forward: "
                                   f"use --mode meta or --mode fake")
-    # Small models record their ops too (in every mode, so the modes agree): the table shows those
-    # that change a shape. Large ones skip that cost; --ops records them anyway.
-    record = ops or sum(p.numel() for p in model.parameters()) <= REAL_LIMIT
+    # The op recorder costs time (a tenth to a quarter more on large models): it runs for --ops, for
+    # the graph (the ops between modules are part of the flow), and for small models, whose table
+    # shows the ops that change a shape and whose kept result can draw its graph too.
+    record = ops or graph or sum(p.numel() for p in model.parameters()) <= REAL_LIMIT
     recorder, failure, needs_values = _run(model, values, name, mode, record)
     if failure is not None and not record and not needs_values:
-        # Again with the op recorder (it costs time): the explanation names the view or flatten that made the input.
+        # Again with the op recorder: the explanation names the view or flatten that made the input.
         recorder, failure, needs_values = _run(model, values, name, mode, True)
     if needs_values:
         has_data = all(fake.has_data(t) for t in _tensors(model))
@@ -552,7 +619,8 @@ def _result(recorder: Recorder, failure, *, name, mode, why, depth, ops, notes) 
     attention = any("Attention" in r.cls or r.name == "scaled_dot_product_attention" for r in recorder.rows)
     return ShapeTrace(model=name, rows=rows, mode=mode, why=why, failure=failure, hidden=hidden, notes=notes,
                       flops=recorder.flops if fake.Counter is not None else None,
-                      activation_bytes=recorder.activation_bytes, attention=attention)
+                      activation_bytes=recorder.activation_bytes, attention=attention,
+                      flow=recorder.rows if recorder.with_ops else [])
 
 
 # ---------------------------------------------------------------- %%shapes
