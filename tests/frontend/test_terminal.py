@@ -3,6 +3,7 @@ the interactive prompt under tmux, typed key by key: text tables and the text re
 %%trainstep (no widget can show in a terminal)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -119,8 +120,8 @@ def test_tables_fit_a_narrow_terminal(jupyter_home):
     values elided in the middle), repeated blocks fold when the table is long, print() keeps all."""
     need(IPYTHON.exists(), f"{IPYTHON} is missing")
     env = {k: os.environ[k] for k in ("IPYTHONDIR", "PYTHONPATH")}
-    term = Terminal([str(IPYTHON), "--no-banner", "--colors=nocolor"], {**env, "HF_HUB_OFFLINE": "1"}, width=100)
-    try:
+    with session([str(IPYTHON), "--no-banner", "--colors=nocolor"], {**env, "HF_HUB_OFFLINE": "1"},
+                 "ipython-narrow.txt", width=100) as term:
         term.wait_for(r"^In \[1\]:")
         term.paste("%load_ext torchmagic\nimport torch, transformers\ntransformers.logging.set_verbosity_error()\n"
                    "cfg = transformers.AutoConfig.for_model('gpt2', n_embd=64, n_layer=2, n_head=4, vocab_size=128)\n"
@@ -135,12 +136,6 @@ def test_tables_fit_a_narrow_terminal(jupyter_home):
         assert max(len(line) for line in table) <= 100, "\n".join(line for line in table if len(line) > 100)
         assert re.search(r"^    h\.0 +GPT2Block +\[1, 16, 64\], ", shapes, re.M), shapes  # relative names
         assert re.search(r"^  transformer +GPT2Model +last_h", screen, re.M), screen  # a model output: its tensors
-        term.type("exit")
-        term.wait_exit()
-    finally:
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        (ARTIFACTS / "ipython-narrow.txt").write_text(term.last_screen)
-        term.close()
 
 
 def test_jupyter_console_shows_the_step_as_text(jupyter_home):
@@ -149,8 +144,8 @@ def test_jupyter_console_shows_the_step_as_text(jupyter_home):
     need(console.exists(), f"{console} is missing: make frontend-terminal installs jupyter_console")
     env = {k: os.environ[k] for k in ("IPYTHONDIR", "PYTHONPATH", "JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR",
                                        "JUPYTER_RUNTIME_DIR")}
-    term = Terminal([str(console), "--kernel", "python3", "--ZMQTerminalInteractiveShell.include_other_output=False"], env)
-    try:
+    with session([str(console), "--kernel", "python3", "--ZMQTerminalInteractiveShell.include_other_output=False"],
+                 env, "jupyter-console.txt") as term:
         term.wait_for(r"^In \[1\]:")
         type_the_notes(term)
         for line in ["%%trainstep net optimizer", "out = net(input)", "criterion(out, y)", "", ""]:
@@ -160,9 +155,18 @@ def test_jupyter_console_shows_the_step_as_text(jupyter_home):
         assert "Traceback" not in screen and "Error" not in screen
         if hasattr(__import__("torchmagic.ui").ui.TrainStepPanel, "_repr_mimebundle_"):
             assert "VBox(" not in screen, screen  # the panel's own text/plain, not the widget's repr
+
+
+@contextlib.contextmanager
+def session(command: list[str], env: dict[str, str], artifact: str, **size):
+    """A program in a terminal that must end when `exit` is typed; its last screen is kept in
+    artifacts/frontend/ whatever happens."""
+    term = Terminal(command, env, **size)
+    try:
+        yield term
         term.type("exit")
         term.wait_exit()
     finally:
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        (ARTIFACTS / "jupyter-console.txt").write_text(term.last_screen)
+        (ARTIFACTS / artifact).write_text(term.last_screen)
         term.close()
