@@ -49,6 +49,15 @@ def history_svg(history: list[tuple[int, float, float]]) -> str:
     return f"<div>{'<br>'.join(plots)}</div>"
 
 
+def _center(slider, lr: float):
+    """The slider's range around this rate (min never above max on the way: ipywidgets refuses that)."""
+    lo, hi = slider_range(lr)
+    if lo > slider.max:
+        slider.max, slider.min = hi, lo
+    else:
+        slider.min, slider.max = lo, hi
+
+
 def _users_traceback(tb):
     """The traceback from the first frame that is not torchmagic's: what the cell form shows."""
     while tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith(__package__ + "."):
@@ -124,7 +133,7 @@ class TrainStepPanel:
     def set_rates(self, lrs: list[float]):
         for slider, lr in zip(self.sliders, lrs):
             if lr > 0:
-                slider.min, slider.max = min(slider.min, math.floor(math.log10(lr))), max(slider.max, math.ceil(math.log10(lr)))
+                _center(slider, lr)
                 slider.value = lr
 
     def _step(self):
@@ -167,6 +176,8 @@ class TrainStepPanel:
         finally:
             if sent:
                 self._busy_until = sent + datetime.timedelta(seconds=time.monotonic() - started)
+            for slider in self.sliders:  # the range follows the rate: a few decades around it
+                _center(slider, slider.value)
             self.busy = ""
             ledger = self.session.ledger_if_alive
             self._shown = ledger.version if ledger is not None else self._shown
