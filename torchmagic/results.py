@@ -56,10 +56,9 @@ class _ModuleTable(Result):
     def _table_text(self, short: bool) -> tuple[str, str]:
         """The table, and what a short view left out ("" when it shows everything)."""
         tree = self._tree()
-        view = render.short_view(tree, self._merge) if short else None
         if not short:
             return render.text_table(self.columns, render.tree_cells(tree, full=True), self.numeric), ""
-        rows, what = view if view else (tree, "")
+        rows, what = render.short_view(tree, self._merge) or (tree, "")
         table = render.text_table(self.columns, render.tree_cells(rows), self.numeric, width=render.text_width(),
                                   squeeze=self.squeeze)
         return table, f"{what}: print() the result shows every row in full" if what else ""
