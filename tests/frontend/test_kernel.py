@@ -169,7 +169,8 @@ def clicks(kernel, comm_id: str, n: int):
     """n clicks sent at once, as a user's quick clicks reach a busy kernel; every iopub message they caused."""
     ids = []
     for _ in range(n):
-        msg = kernel.client.session.msg("comm_msg", {"comm_id": comm_id, "data": {"method": "custom", "content": {"event": "click"}}})
+        click = {"comm_id": comm_id, "data": {"method": "custom", "content": {"event": "click"}}}
+        msg = kernel.client.session.msg("comm_msg", click)
         kernel.client.shell_channel.send(msg)
         ids.append(msg["header"]["msg_id"])
     idle, messages = set(), []
