@@ -30,8 +30,8 @@ DECADES_BELOW, DECADES_ABOVE = 3, 2  # the slider's range around the current rat
 
 def slider_range(lr: float) -> tuple[float, float]:
     """A few decades around the rate, on whole decades."""
-    exponent = math.floor(math.log10(lr))
-    return exponent - DECADES_BELOW, exponent + DECADES_ABOVE
+    exponent = math.log10(lr)
+    return math.floor(exponent - DECADES_BELOW), math.ceil(exponent + DECADES_ABOVE)
 
 
 def history_svg(history: list[tuple[int, float, float]]) -> str:

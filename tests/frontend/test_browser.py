@@ -245,7 +245,7 @@ def run_the_example(page, server: Server, url: str, path: str, name: str):
         assert kernel.value("len(_steps)") == 1
 
         # A rate far too high: the step is flagged, with what to do about it.
-        kernel.run("[p for p in Out.values() if type(p).__name__ == 'TrainStepPanel'][-1].slider.value = 1.0")
+        kernel.run("[p for p in Out.values() if type(p).__name__ == 'TrainStepPanel'][-1].set_rates([1.0])")
         expect(readout).to_have_text("1.00e+0")
         widget.get_by_role("button", name="Step", exact=True).click()
         widget.get_by_text("step 3").first.wait_for()
