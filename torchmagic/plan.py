@@ -41,7 +41,13 @@ from .inputs import ShapeSpec, first_leaf, model_device_dtype
 from .results import MemoryPlan, PlanModule
 from .tracing import module_names
 
-KINDS = ("parameters", "buffers", "inputs", "optimizer state", "gradients", "activations", "temporaries")
+KINDS = ("parameters", "buffers", "inputs", "optimizer state", "gradients", "gathered parameters", "activations",
+         "temporaries")
+# FSDP's own operations: what their tensors are. The all-gather's buffers and the unsharded parameters
+# copied out of it hold a block's gathered parameters; the reduce-scatter's output becomes the sharded
+# gradients (argument 0 of c10d's op).
+_FSDP_OPS = {"fsdp.all_gather_copy_in": "gathered parameters", "fsdp.split_with_sizes_copy": "gathered parameters",
+             "c10d._reduce_scatter_base_": "gradients"}
 PHASES = ("forward", "backward", "optimizer step")
 OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD"}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -160,7 +166,9 @@ def _storages(t: torch.Tensor):
     """The storages behind a tensor; a wrapper subclass (DTensor) holds its data in inner tensors."""
     if is_wrapper(t):
         for attr in t.__tensor_flatten__()[0]:
-            yield from _storages(getattr(t, attr))
+            inner = getattr(t, attr)
+            if isinstance(inner, torch.Tensor):
+                yield from _storages(inner)
         return
     try:
         yield t.untyped_storage()
@@ -169,8 +177,10 @@ def _storages(t: torch.Tensor):
 
 
 def is_wrapper(t) -> bool:
-    return type(t) is not torch.Tensor and not fake.is_fake(t) and hasattr(t, "__tensor_flatten__") \
-        and not isinstance(t, nn.Parameter)
+    """A tensor subclass whose data lives in tensors inside it (DTensor), not in a storage of its own."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    return is_traceable_wrapper_subclass(t)
 
 
 class Ledger(fake.TorchDispatchMode or object):
@@ -190,6 +200,7 @@ class Ledger(fake.TorchDispatchMode or object):
         self.phase = "forward"
         self.peaks: dict[str, tuple[int, dict]] = {}  # phase -> (bytes, bytes by kind at that moment)
         self.modules: list[str] = []  # the module calls open now (forward), innermost last
+        self.forward_end: tuple[int, dict[str, int]] | None = None
         self._resize = None
 
     def size(self, nbytes: int) -> int:
@@ -239,20 +250,42 @@ class Ledger(fake.TorchDispatchMode or object):
     def current_phase(self) -> str:
         return "backward" if torch._C._current_graph_task_id() != -1 else self.phase
 
-    def kind_now(self) -> str:
-        return "activations" if self.current_phase() == "forward" else "temporaries"
-
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         __tracebackhide__ = True  # noqa: F841  tracebacks of the user's code do not show this frame
-        out = func(*args, **(kwargs or {}))
-        kind = None
+        kwargs = kwargs or {}
+        for t in torch.utils._pytree.tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor) and fake.has_data(t):
+                self.add(t, "inputs")  # a real tensor the user's cell reads (its batch): counted from its first use
+        phase = self.current_phase()
+        if phase == "backward" and self.forward_end is None:
+            self.end_forward()
+        out = func(*args, **kwargs)
+        kind = "activations" if phase == "forward" else "temporaries"
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
-                self.add(t, kind or (kind := self.kind_now()))
-        for t in torch.utils._pytree.tree_leaves((args, kwargs)):
-            if isinstance(t, torch.Tensor) and fake.has_data(t) and id(t.untyped_storage()) not in self.live:
-                self.add(t, "inputs")  # a real tensor the user's cell reads (its batch)
+                self.add(t, kind)
+        if func.namespace in ("fsdp", "c10d"):
+            self._fsdp(func, args, kwargs, out)
         return out
+
+    def _fsdp(self, func, args, kwargs, out):
+        kind = _FSDP_OPS.get(f"{func.namespace}.{func._opname}")
+        if kind == "gradients":
+            self.reclassify(args[0], kind)
+        elif kind is not None:
+            for t in torch.utils._pytree.tree_leaves((args, kwargs, out)):
+                if isinstance(t, torch.Tensor) and self._kind_of(t) in ("activations", "temporaries"):
+                    self.reclassify(t, kind)
+
+    def _kind_of(self, t: torch.Tensor) -> str:
+        for st in _storages(t):
+            entry = self.live.get(id(st))
+            return entry[1] if entry is not None else ""
+        return ""
+
+    def end_forward(self):
+        """What the forward leaves for backward: its storages still alive, in all and by module."""
+        self.forward_end = (self.totals["activations"], self.saved_by_module())
 
     def saved_by_module(self) -> dict[str, int]:
         """Bytes of the forward's storages alive now, by the module whose forward made them."""
@@ -561,30 +594,39 @@ def warm_up(optimizer: torch.optim.Optimizer) -> None:
 def run_step(ledger: Ledger, forward: Callable[[], tuple[torch.Tensor, str]], optimizer, params: list[torch.Tensor],
              names: dict[int, str]) -> StepRecord:
     """Under the ledger: forward (-> loss), backward, optimizer.step(). `params` are the trainable
-    stand-ins; their optimizer state exists already (warm_up)."""
+    stand-ins; their optimizer state exists already (warm_up). A forward that runs backward or
+    steps itself (a user's cell) is not given a second one."""
+    stepped = []
+
+    def before_step(*args):
+        stepped.append(True)
+        ledger.phase = "optimizer step"
+
     handles = [p.register_post_accumulate_grad_hook(lambda p: ledger.reclassify(p.grad, "gradients"))
                for p in params if hasattr(p, "register_post_accumulate_grad_hook") and not is_wrapper(p)]
+    handles.append(optimizer.register_step_pre_hook(before_step))
     try:
         with ledger:
             ledger.phase = "forward"
             with ledger.module_stack(names):
                 loss, how = forward()
-            activations = ledger.totals["activations"]
-            by_module = ledger.saved_by_module()
-            ledger.phase = "backward"
-            loss.backward()
+            if ledger.forward_end is None:
+                ledger.end_forward()
+            if not stepped and all(p.grad is None for p in params):
+                loss.backward()
             del loss
             for p in params:
                 if p.grad is not None:
                     ledger.reclassify(p.grad, "gradients")
             gradients = ledger.totals["gradients"]
-            ledger.phase = "optimizer step"
-            optimizer.step()
+            if not stepped:
+                optimizer.step()
     finally:
         for h in handles:
             h.remove()
     phase = max(ledger.peaks, key=lambda k: ledger.peaks[k][0])
     peak, parts = ledger.peaks[phase]
+    activations, by_module = ledger.forward_end
     return StepRecord(peak=peak, phase=phase, parts=parts, phases=dict(ledger.peaks), activations=activations,
                       inputs=ledger.totals["inputs"], by_module=by_module, gradients=gradients, loss=how)
 
@@ -606,107 +648,137 @@ def _module_rows(model: nn.Module, root: str, by_module: dict[str, int]) -> list
 
 
 class Planner:
-    """Stand-ins for one model, inputs and optimizer, set up once; `plan(batch)` runs a step."""
+    """Stand-ins for a model, its optimizer and inputs, made once; `record(batch)` plans one step
+    (with the input's first dimension set to `batch`), as often as the largest-batch search asks."""
 
     def __init__(self, model: nn.Module, values: list, *, name: str, optimizer, target: Target,
-                 dtype: torch.dtype | None, amp: torch.dtype | None, checkpointing: bool):
-        self.model, self.values, self.name, self.target = model, values, name, target
-        self.dtype, self.amp = dtype, amp
+                 dtype: torch.dtype | None = None, amp: torch.dtype | None = None, checkpointing: bool = False):
+        self.user_model, self.values, self.name, self.target, self.amp = model, values, name, target, amp
+        self.dtype = dtype or model_device_dtype(model)[1]
+        self.cast = dtype
+        self.old_batch = batch_of(values)
         self.shadow = fake.Shadow("fake")
-        self.blocks = repeated_blocks(model) if checkpointing else []
+        self.model, self.state, by_id = self.stand_in_model(model, dtype)
+        self.blocks = repeated_blocks(self.model) if checkpointing else []
         if checkpointing and not self.blocks:
             raise TorchMagicError(f"--checkpointing: {name} has no repeated blocks to checkpoint (a ModuleList or "
                                   f"Sequential of two or more like modules with layers inside)")
-        self.old_batch = batch_of(values)
         with self.shadow.mode():
-            self.state, self.by_id = stand_ins(self.shadow, model, target.run_on, dtype)
-            self.optimizer = make_optimizer(optimizer, self.by_id, target)
+            self.optimizer = make_optimizer(optimizer, by_id, target)
             try:
                 warm_up(self.optimizer)
             except Exception as e:
                 raise TorchMagicError(f"{type(self.optimizer).__name__}.step() failed on fake tensors "
                                       f"({type(e).__name__}: {str(e)[:200]}): plan with --optimizer adamw or sgd") from None
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.names = module_names(model, name)
-        for qual, m in model.named_modules():
-            self.names[id(m)] = qual or name
+        is_param = {id(p) for p in model.parameters()}
+        self.tensors = {id(t): (t, "parameters" if real in is_param else "buffers") for real, t in by_id.items()}.values()
+        self.names = {id(m): qual or name for qual, m in self.model.named_modules()}
 
-    def record(self, batch: int | None) -> StepRecord:
+    def stand_in_model(self, model: nn.Module, dtype):
+        """(the model to run, the stand-ins to swap into it by name, stand-ins by the id of the real tensor)."""
+        with self.shadow.mode():
+            state, by_id = stand_ins(self.shadow, model, self.target.run_on, dtype)
+        return model, state, by_id
+
+    def record(self, batch: int | None = None) -> StepRecord:
         with model_preserved(self.model), self.shadow.mode(), checkpointed([b for _, b in self.blocks]):
-            values = fake_inputs(self.shadow, self.model, self.values, self.target.run_on, self.dtype, batch,
-                                 self.old_batch)
-            args, kwargs, how = call_of(self.model, values)
             ledger = Ledger(self.target.round_to)
-            for name, t in self.state.items():
-                ledger.add(t, "parameters" if t.requires_grad or isinstance(t, nn.Parameter) or
-                           name in dict(self.model.named_parameters(remove_duplicate=False)) else "buffers")
-            for t in torch.utils._pytree.tree_leaves((args, kwargs)):
-                if isinstance(t, torch.Tensor):
-                    ledger.add(t, "inputs")
+            for t, kind in self.tensors:
+                ledger.add(t, kind)
             for t in _state_tensors(self.optimizer):
                 ledger.add(t, "optimizer state")
-
-            def forward():
-                with self._autocast():
-                    loss, what = loss_of(self.model(*args, **kwargs))
-                return loss, how or what
-
-            del values
+            forward = self.forward(ledger, batch)
             try:
-                with swapped(self.model, self.state):  # through backward: checkpointed blocks run again there
+                # Swapped in through backward: checkpointed blocks run their forward again there.
+                with swapped(self.model, self.state) if self.state is not None else contextlib.nullcontext():
                     return run_step(ledger, forward, self.optimizer, self.params, self.names)
             finally:
                 for p in self.params:
                     p.grad = None
 
-    def _autocast(self):
-        if self.amp is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.target.run_on.type, dtype=self.amp)
+    def forward(self, ledger: Ledger, batch: int | None) -> Callable[[], tuple[torch.Tensor, str]]:
+        values = fake_inputs(self.shadow, self.user_model, self.values, self.target.run_on, self.cast, batch,
+                             self.old_batch)
+        args, kwargs, how = call_of(self.user_model, values)
+        for t in torch.utils._pytree.tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor):
+                ledger.add(t, "inputs")
 
-    @property
-    def parameter_bytes(self) -> int:
-        params = dict(self.model.named_parameters(remove_duplicate=False))
-        return _unique_bytes([t for n, t in self.state.items() if n in params], self.target.round_to)
+        def run():
+            with torch.autocast(self.target.run_on.type, dtype=self.amp) if self.amp else contextlib.nullcontext():
+                try:
+                    output = self.model(*args, **kwargs)
+                except Exception as e:
+                    raise _forward_failed(e, self.name) from None
+                loss, what = loss_of(output)
+            return loss, how or what
 
-    @property
-    def buffer_bytes(self) -> int:
-        params = dict(self.model.named_parameters(remove_duplicate=False))
-        return _unique_bytes([t for n, t in self.state.items() if n not in params], self.target.round_to)
+        return run
+
+    def bytes_of(self, kind: str) -> int:
+        return _unique_bytes([t for t, k in self.tensors if k == kind], self.target.round_to)
 
     @property
     def state_bytes(self) -> int:
         return _unique_bytes(_state_tensors(self.optimizer), self.target.round_to)
 
 
+def _forward_failed(e: Exception, name: str) -> TorchMagicError:
+    message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if fake.needs_values(e):
+        return TorchMagicError(f"{name}'s forward reads tensor values ({type(e).__name__}: {message[:120]}), which fake "
+                               f"tensors do not have: its memory cannot be planned without running it")
+    return TorchMagicError(f"{name}'s forward failed on fake tensors: {type(e).__name__}: {message[:200]}; "
+                           f"%shapes {name} INPUT shows where")
+
+
 # ---------------------------------------------------------------- the largest batch
 
 
-def largest_batch(fits: Callable[[int], bool], start: int = 1, limit: int = 1 << 20) -> tuple[int, int]:
-    """The largest batch b with fits(b), by doubling and then bisecting; (0, probes) when even `start`
-    does not fit. fits must be monotone (a larger batch never needs less memory)."""
-    probes = 0
-    if not fits(start):
+def largest_batch(peak_of: Callable[[int], int], budget: int, limit: int = 1 << 24) -> tuple[int, int]:
+    """The largest batch whose planned peak fits the budget, and how many plans that took; 0 when
+    batch 1 does not fit. A peak grows about linearly with the batch (piecewise: the phase of the
+    peak can change), so each guess is where the line through the last two plans meets the budget,
+    checked with its neighbour: most searches take four plans. Where a guess leaves the range still
+    open, or does not halve it, doubling or bisecting takes over. Assumes a larger batch never
+    needs less memory."""
+    peaks: dict[int, int] = {}  # in the order planned
+
+    def fits(b: int) -> bool:
+        if b not in peaks:
+            peaks[b] = peak_of(b)
+        return peaks[b] <= budget
+
+    if not fits(1):
         return 0, 1
-    good, bad = start, None
-    probes = 1
-    while bad is None:
-        candidate = good * 2
-        probes += 1
-        if candidate > limit:
-            return good, probes
-        if fits(candidate):
-            good = candidate
+    good, bad = (2, None) if fits(2) else (1, 2)
+    use_line = True
+    while good < limit and (bad is None or bad - good > 1):
+        hi = limit if bad is None else bad - 1
+        before = hi - good
+        guess = _crossing(peaks, budget) if use_line else None
+        if guess is not None and guess > hi:
+            guess = hi
+        if guess is None or guess <= good:
+            guess = min(good * 2, hi) if bad is None else (good + bad) // 2
+        if fits(guess):
+            good = guess
+            if guess < hi:
+                good, bad = (guess + 1, bad) if fits(guess + 1) else (guess, guess + 1)
         else:
-            bad = candidate
-    while bad - good > 1:
-        middle = (good + bad) // 2
-        probes += 1
-        if fits(middle):
-            good = middle
-        else:
-            bad = middle
-    return good, probes
+            bad = guess
+            if guess - 1 > good:
+                good, bad = (guess - 1, bad) if fits(guess - 1) else (good, guess - 1)
+        use_line = (limit if bad is None else bad - 1) - good <= before // 2 or bad is None
+    return good, len(peaks)
+
+
+def _crossing(peaks: dict[int, int], budget: int) -> int | None:
+    """Where the line through the last two plans (batch, peak) meets the budget."""
+    (b1, p1), (b2, p2) = list(peaks.items())[-2:]
+    slope = (p2 - p1) / (b2 - b1)
+    return b2 + math.floor((budget - p2) / slope) if slope > 0 else None
 
 
 def _size(n: float) -> str:
@@ -748,71 +820,34 @@ def fake_process_group(devices: int):
 
 
 class ShardedPlanner(Planner):
-    """The step of one rank of FSDP2 (torch.distributed.fsdp.fully_shard) over `devices`, on a copy
-    of the model whose repeated blocks and root are sharded; zero2 keeps each block's gathered
-    parameters from its forward to its backward (reshard_after_forward=False)."""
+    """One rank of FSDP2 (torch.distributed.fsdp.fully_shard) over `devices`: a copy of the model on
+    meta, its repeated blocks and root sharded, then given fake local shards. zero2 keeps each
+    block's gathered parameters from its forward to its backward (reshard_after_forward=False)."""
 
-    def __init__(self, model: nn.Module, values: list, *, name: str, optimizer, target: Target,
-                 dtype, amp, checkpointing: bool, devices: int, shard: str, mesh_of):
+    def __init__(self, model: nn.Module, values: list, *, devices: int, shard: str, mesh_of, **options):
+        self.devices, self.shard, self.mesh_of = devices, shard, mesh_of
+        super().__init__(model, values, **options)
+
+    def stand_in_model(self, model: nn.Module, dtype):
         from torch.distributed.fsdp import fully_shard
 
-        self.original = model
-        blocks = [n for n, _ in repeated_blocks(model)]
-        memo = {}
+        memo = {}  # deepcopy takes these instead of copying the real tensors
         for t in [*model.parameters(), *model.buffers()]:
-            cast = dtype if dtype is not None and t.is_floating_point() else t.dtype
-            twin = torch.empty_like(t, device="meta", dtype=cast)
+            twin = torch.empty_like(t, device="meta", dtype=dtype if dtype is not None and t.is_floating_point() else None)
             memo[id(t)] = nn.Parameter(twin, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else twin
         twin = copy.deepcopy(model, memo)
-        mesh = mesh_of(target.run_on.type, (devices,))
+        mesh = self.mesh_of(self.target.run_on.type, (self.devices,))
         modules = dict(twin.named_modules())
-        for block in blocks:
-            fully_shard(modules[block], mesh=mesh, reshard_after_forward=shard == "fsdp")
-        fully_shard(twin, mesh=mesh, reshard_after_forward=shard == "fsdp")
-        self.sharded_blocks = blocks
-        shadow = fake.Shadow("fake")
-        with shadow.mode():
-            twin.to_empty(device=target.run_on)
-        by_name = dict(twin.named_parameters(remove_duplicate=False))
-        self.twin_by_id = {id(p): by_name[n] for n, p in model.named_parameters(remove_duplicate=False)}
-        self.model, self.values, self.name, self.target = twin, values, name, target
-        self.dtype, self.amp = None, amp  # the copy has the dtype already
-        self.shadow = shadow
-        self.blocks = [(n, modules[n]) for n in blocks] if checkpointing else []
-        if checkpointing and not self.blocks:
-            raise TorchMagicError(f"--checkpointing: {name} has no repeated blocks to checkpoint")
-        self.old_batch = batch_of(values)
-        self.state = {**dict(twin.named_parameters(remove_duplicate=False)), **dict(twin.named_buffers())}
-        with shadow.mode():
-            self.optimizer = make_optimizer(optimizer, self.twin_by_id, target)
-            warm_up(self.optimizer)
-        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.names = {id(m): qual or name for qual, m in twin.named_modules()}
-
-    def record(self, batch: int | None) -> StepRecord:
-        with self.shadow.mode(), checkpointed([b for _, b in self.blocks]):
-            values = fake_inputs(self.shadow, self.original, self.values, self.target.run_on, None, batch, self.old_batch)
-            args, kwargs, how = call_of(self.original, values)
-            ledger = Ledger(self.target.round_to)
-            for name, t in self.state.items():
-                ledger.add(t, "parameters" if isinstance(t, nn.Parameter) else "buffers")
-            for t in torch.utils._pytree.tree_leaves((args, kwargs)):
-                if isinstance(t, torch.Tensor):
-                    ledger.add(t, "inputs")
-            for t in _state_tensors(self.optimizer):
-                ledger.add(t, "optimizer state")
-
-            def forward():
-                with self._autocast():
-                    loss, what = loss_of(self.model(*args, **kwargs))
-                return loss, how or what
-
-            del values
-            try:
-                return run_step(ledger, forward, self.optimizer, self.params, self.names)
-            finally:
-                for p in self.params:
-                    p.grad = None
+        self.sharded_blocks = [n for n, _ in repeated_blocks(twin)]
+        for block in self.sharded_blocks:
+            fully_shard(modules[block], mesh=mesh, reshard_after_forward=self.shard == "fsdp")
+        fully_shard(twin, mesh=mesh, reshard_after_forward=self.shard == "fsdp")
+        with self.shadow.mode():
+            twin.to_empty(device=self.target.run_on)
+        by_name = {**dict(twin.named_parameters(remove_duplicate=False)), **dict(twin.named_buffers(remove_duplicate=False))}
+        by_id = {id(t): by_name[n] for n, t in [*model.named_parameters(remove_duplicate=False),
+                                                 *model.named_buffers(remove_duplicate=False)]}
+        return twin, None, by_id
 
 
 # ---------------------------------------------------------------- %memory plan
@@ -852,15 +887,14 @@ def plan_memory(model: nn.Module, values: list, *, name: str, optimizer=None, op
             planner = Planner(model, values, **options)
         extra, assumptions = _spread(planner, target, devices, shard, mesh_of is not None)
         record = planner.record(None)
-        plan = _result(planner, record, name=name, cast=cast, autocast=autocast, extra=extra)
+        plan = _result(planner, record, extra=extra)
         plan.devices, plan.shard, plan.assumptions = devices, shard or "", assumptions
         plan.notes += notes
         if target.budget is not None and planner.old_batch is not None:
             searched = time.perf_counter()
-            best, probes = largest_batch(lambda b: planner.record(b).peak + extra <= target.budget)
+            best, probes = largest_batch(lambda b: planner.record(b).peak + extra, target.budget)
             plan.largest_batch = best
-            plan.search = (f"{probes} plans, doubling then bisecting the input's first dimension, in "
-                           f"{time.perf_counter() - searched:.1f} s")
+            plan.search = f"{probes} plans of the input's first dimension in {time.perf_counter() - searched:.1f} s"
         elif target.budget is not None:
             plan.notes.append("no largest batch: the input has no tensor with a first dimension to vary")
     if not record.activations:
@@ -900,7 +934,7 @@ def _span(names: list[str]) -> str:
     return names[0] if len(names) == 1 else f"{names[0]} … {names[-1]}"
 
 
-def _result(planner: Planner, record: StepRecord, *, name: str, cast, autocast, extra: int) -> MemoryPlan:
+def _result(planner: Planner, record: StepRecord, *, extra: int = 0) -> MemoryPlan:
     phases = {}
     for phase in PHASES:
         if phase in record.phases:
@@ -910,21 +944,69 @@ def _result(planner: Planner, record: StepRecord, *, name: str, cast, autocast, 
                 parts["DDP buckets"] = extra
             parts["total"] = total + extra
             phases[phase] = parts
-    peak_parts = {k: v for k, v in phases[record.phase].items() if k != "total"}
-    dtype = cast or model_device_dtype(getattr(planner, "original", planner.model))[1]
     target = planner.target
-    where = target.name if target.run_on.type == target.name.split(":")[0] else \
-        f"{target.name} (no CUDA here: CUDA's allocation rules applied on the CPU)"
     notes = []
+    if target.run_on.type != target.name.split(":")[0]:
+        notes.append("planned for CUDA on this machine's CPU (this torch has no CUDA): CUDA's 512-byte allocation "
+                     "blocks and its default optimizer kernels (foreach) apply; autocast uses the CPU's op lists")
     if not any(m.training for m in planner.model.modules()):
-        notes.append(f"{name} is in eval mode: planned as it is (no dropout masks); call {name}.train() to plan training")
+        notes.append(f"{planner.name} is in eval mode: planned as it is (no dropout masks); call {planner.name}.train() "
+                     f"to plan training")
     return MemoryPlan(
-        model=name, target=where, optimizer=type(planner.optimizer).__name__,
-        dtype=str(dtype).removeprefix("torch."), amp=str(autocast).removeprefix("torch.") if autocast else "",
-        batch=batch_of(planner.values) if planner.old_batch is None else planner.old_batch,
-        parameters=planner.parameter_bytes, buffers=planner.buffer_bytes, gradients=record.gradients,
-        optimizer_state=planner.state_bytes, activations=record.activations, inputs=record.inputs,
-        peak=record.peak + extra, peak_phase=record.phase, peak_parts=peak_parts, phases=phases,
-        modules=_module_rows(planner.model, name, record.by_module), loss=record.loss,
+        model=planner.name, target=target.name, optimizer=type(planner.optimizer).__name__,
+        dtype=str(planner.dtype).removeprefix("torch."), amp=str(planner.amp).removeprefix("torch.") if planner.amp else "",
+        batch=planner.old_batch, parameters=planner.bytes_of("parameters"), buffers=planner.bytes_of("buffers"),
+        gradients=record.gradients, optimizer_state=planner.state_bytes, activations=record.activations,
+        inputs=record.inputs, peak=record.peak + extra, peak_phase=record.phase,
+        peak_parts={k: v for k, v in phases[record.phase].items() if k != "total"}, phases=phases,
+        modules=_module_rows(planner.model, planner.name, record.by_module), loss=record.loss,
         checkpointed=[n for n, _ in planner.blocks], budget=target.budget, budget_source=target.budget_source,
         notes=notes)
+
+
+# ---------------------------------------------------------------- %%trainstep --plan
+
+
+class CellPlanner(Planner):
+    """The user's own step: `body(stand_in)` runs their cell with their optimizer's name bound to the
+    optimizer's stand-in and returns the loss, while their model holds fake parameters."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, body, **options):
+        self.body, self.user_optimizer = body, optimizer
+        super().__init__(model, [], optimizer=optimizer, **options)
+
+    def forward(self, ledger: Ledger, batch: int | None):
+        from .training import check_loss
+
+        return lambda: (check_loss(self.body(self.optimizer)), "your cell's last line")
+
+    def record(self, batch: int | None = None) -> StepRecord:
+        def refuse(*args):
+            raise TorchMagicError("the cell steps your real optimizer under another name: while planning, the "
+                                  "optimizer's name is bound to a stand-in; step through that name, or let "
+                                  "%%trainstep step")
+
+        guard = self.user_optimizer.register_step_pre_hook(refuse)
+        try:
+            return super().record(batch)
+        finally:
+            guard.remove()
+
+
+def plan_cell(model: nn.Module, optimizer: torch.optim.Optimizer, body: Callable[[torch.optim.Optimizer], object], *,
+              name: str, budget: str | None = None) -> MemoryPlan:
+    """%%trainstep --plan: the user's loss, autocast and optimizer (its class, groups and settings),
+    planned; nothing of theirs changes. An error in the cell propagates, as the user's own."""
+    from .tracing import unwrap
+
+    started = time.perf_counter()
+    fake.available("fake")
+    model, name, notes = unwrap(model, name)
+    target = resolve_target(model, None, budget)
+    if model_device_dtype(model)[0].type == "meta":
+        target.run_on = torch.device("meta")  # the cell makes its tensors on meta too
+    planner = CellPlanner(model, optimizer, body, name=name, target=target)
+    plan = _result(planner, planner.record())
+    plan.notes += notes
+    plan.seconds = time.perf_counter() - started
+    return plan

@@ -728,11 +728,13 @@ class PlanModule:
     own: int  # of which made by its own code, outside its submodules
 
 
-PLAN_KINDS = ("parameters", "buffers", "gradients", "optimizer state", "activations", "temporaries", "inputs",
-              "DDP buckets")
+PLAN_KINDS = ("parameters", "buffers", "gradients", "optimizer state", "gathered parameters", "activations",
+              "temporaries", "inputs", "DDP buckets")
 _PLAN_COLORS = {"parameters": "#1f77b4", "buffers": "#aec7e8", "gradients": "#ff7f0e", "optimizer state": "#2ca02c",
-                "activations": "#d62728", "temporaries": "#9467bd", "inputs": "#8c564b", "DDP buckets": "#e377c2"}
-_PLAN_SHORT = {"parameters": "params", "optimizer state": "optim state", "temporaries": "temps"}
+                "activations": "#d62728", "temporaries": "#9467bd", "inputs": "#8c564b", "DDP buckets": "#e377c2",
+                "gathered parameters": "#17becf"}
+_PLAN_SHORT = {"parameters": "params", "optimizer state": "optim state", "temporaries": "temps",
+               "gathered parameters": "gathered"}
 
 
 @dataclass(repr=False)
