@@ -450,9 +450,17 @@ class TorchMagics(Magics):
         if not args.optimizer.isidentifier():
             raise TorchMagicError(f"--plan binds the optimizer's name to a stand-in while the cell runs: give it by "
                                   f"name, e.g. opt = {args.optimizer} first, then %%trainstep {args.model} opt --plan")
-        _, aside = self._loss_body(cell)
+        body, aside = self._loss_body(cell)
+        head, tail, ns = aside.args
+        cell_ns = {}  # kept until the planned step ends: the cell's variables live through backward, as they do
+
+        def run(stand_in):
+            cell_ns.update(ns)
+            cell_ns[args.optimizer] = stand_in
+            return _run_body(head, tail, cell_ns)
+
         planned = functools.partial(plan.plan_cell, name=args.model, budget=args.budget)
-        return _user_call(aside.filename, planned, model, optimizer, lambda stand_in: aside({args.optimizer: stand_in}))
+        return _user_call(body.filename, planned, model, optimizer, run)
 
     def _sweep_rates(self, args) -> list[float]:
         if args.lr is not None or args.steps != 1 or args.eval:
@@ -488,7 +496,6 @@ class TorchMagics(Magics):
         body = functools.partial(_run_body, head, tail, ns)
         body.filename = filename
         evaluate = functools.partial(_run_body_aside, head, tail, ns)
-        evaluate.filename = filename
         return body, evaluate
 
     # ------------------------------------------------------------ %freeze / %unfreeze
@@ -577,9 +584,8 @@ def _run_body(head, tail, ns):
     return eval(tail, ns)
 
 
-def _run_body_aside(head, tail, ns, bound=None):
-    """The cell in a copy of the namespace (with `bound` names rebound there)."""
-    return _run_body(head, tail, {**ns, **(bound or {})})
+def _run_body_aside(head, tail, ns):
+    return _run_body(head, tail, dict(ns))
 
 
 def _user_frames(tb, filename):

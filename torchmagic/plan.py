@@ -191,9 +191,10 @@ class Ledger(fake.TorchDispatchMode or object):
     activations in the forward, temporaries in backward and the optimizer step; a gradient
     becomes `gradients` when autograd stores it in `.grad`."""
 
-    def __init__(self, round_to: int = 1):
+    def __init__(self, round_to: int = 1, fake_of: Callable[[torch.Tensor], torch.Tensor] | None = None):
         super().__init__()
         self.round_to = round_to
+        self.fake_of = fake_of  # the fake mode's copy of a real tensor, which shares nothing but is not new
         self.live: dict[int, list] = {}  # id(storage) -> [bytes, kind, weakref, module]
         self.totals = dict.fromkeys(KINDS, 0)
         self.total = 0
@@ -218,6 +219,13 @@ class Ledger(fake.TorchDispatchMode or object):
             module = self.modules[-1] if self.modules and kind == "activations" else ""
             self.live[key] = [nbytes, kind, weakref.ref(st, functools.partial(self._freed, key)), module]
             self._change(kind, nbytes)
+
+    def alias(self, t: torch.Tensor) -> None:
+        """Storages that hold nothing new (a fake copy of a counted real tensor): known, 0 bytes."""
+        for st in _storages(t):
+            if id(st) not in self.live:
+                key = id(st)
+                self.live[key] = [0, "inputs", weakref.ref(st, functools.partial(self._freed, key)), ""]
 
     def reclassify(self, t: torch.Tensor, kind: str) -> None:
         for st in _storages(t):
@@ -256,6 +264,8 @@ class Ledger(fake.TorchDispatchMode or object):
         for t in torch.utils._pytree.tree_leaves((args, kwargs)):
             if isinstance(t, torch.Tensor) and fake.has_data(t):
                 self.add(t, "inputs")  # a real tensor the user's cell reads (its batch): counted from its first use
+                if self.fake_of is not None:
+                    self.alias(self.fake_of(t))
         phase = self.current_phase()
         if phase == "backward" and self.forward_end is None:
             self.end_forward()
@@ -683,7 +693,7 @@ class Planner:
 
     def record(self, batch: int | None = None) -> StepRecord:
         with model_preserved(self.model), self.shadow.mode(), checkpointed([b for _, b in self.blocks]):
-            ledger = Ledger(self.target.round_to)
+            ledger = Ledger(self.target.round_to, self.shadow.fake_mode.from_tensor)
             for t, kind in self.tensors:
                 ledger.add(t, kind)
             for t in _state_tensors(self.optimizer):
@@ -872,6 +882,8 @@ def plan_memory(model: nn.Module, values: list, *, name: str, optimizer=None, op
         raise TorchMagicError(f"--shard {shard}: give ddp, fsdp or zero2")
     if devices > 1 and shard is None:
         raise TorchMagicError(f"--devices {devices}: say how the model is spread, --shard ddp, fsdp or zero2")
+    if shard is not None and devices < 2:
+        raise TorchMagicError(f"--shard {shard} spreads the step over devices: give how many, e.g. --devices 8")
     cast = parse_dtype(dtype) if dtype is not None else None
     autocast = AMP.get(amp) if amp is not None else None
     if amp is not None and autocast is None:
@@ -978,7 +990,19 @@ class CellPlanner(Planner):
     def forward(self, ledger: Ledger, batch: int | None):
         from .training import check_loss
 
-        return lambda: (check_loss(self.body(self.optimizer)), "your cell's last line")
+        def run():
+            __tracebackhide__ = True  # noqa: F841
+            try:
+                loss = self.body(self.optimizer)
+            except Exception as e:
+                if fake.needs_values(e):
+                    raise TorchMagicError(f"the cell reads a tensor's values ({type(e).__name__}), which fake tensors "
+                                          f"do not have: leave out .item(), print() and data-dependent code while "
+                                          f"planning") from None
+                raise
+            return check_loss(loss), "your cell's last line"
+
+        return run
 
     def record(self, batch: int | None = None) -> StepRecord:
         def refuse(*args):
