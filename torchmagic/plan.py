@@ -28,6 +28,7 @@ import math
 import os
 import re
 import time
+import warnings
 import weakref
 from typing import Callable
 
@@ -345,7 +346,10 @@ class Ledger(fake.TorchDispatchMode or object):
 
         handles = [nn_module.register_module_forward_pre_hook(pre), nn_module.register_module_forward_hook(post)]
         try:
-            yield
+            with warnings.catch_warnings():
+                # a compiled model in the user's cell warns that global hooks fire for its wrapper too: ours know
+                warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)` when there are global hooks")
+                yield
         finally:
             for h in handles:
                 h.remove()
@@ -394,8 +398,6 @@ def make_optimizer(spec, stand_ins: dict[int, torch.Tensor], target: Target) -> 
 
 @contextlib.contextmanager
 def warnings_quiet():
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
@@ -559,11 +561,28 @@ def loss_of(output) -> tuple[torch.Tensor, str]:
         loss = output.get("loss")
     if isinstance(loss, torch.Tensor) and loss.numel() == 1:
         return loss, "the model's own loss"
-    for t in torch.utils._pytree.tree_leaves(output):
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad:
+    for t in _tensors_in(output):
+        if t.is_floating_point() and t.requires_grad:
             return t.float().mean(), "the mean of the output"
     raise TorchMagicError("the model's output has no floating-point tensor with a gradient to start backward "
                           "from: plan your own loss with %%trainstep MODEL OPT --plan")
+
+
+def _tensors_in(value, depth: int = 0):
+    """The tensors in a model's output: containers, named tuples and dataclasses (which pytree does
+    not open), in order."""
+    if isinstance(value, torch.Tensor):
+        yield value
+        return
+    if depth > 4:
+        return
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = [getattr(value, f.name) for f in dataclasses.fields(value)]
+    elif isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors_in(v, depth + 1)
 
 
 @dataclasses.dataclass
