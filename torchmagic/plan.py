@@ -39,8 +39,8 @@ from . import fake
 from .errors import TorchMagicError
 from .guard import model_preserved
 from .inputs import ShapeSpec, first_leaf, model_device_dtype
-from .results import MemoryPlan, PlanModule
-from .tracing import module_names
+from .render import nbytes
+from .results import MemoryPlan, PlanModule, span
 
 KINDS = ("parameters", "buffers", "inputs", "optimizer state", "gradients", "gathered parameters", "activations",
          "temporaries")
@@ -136,7 +136,7 @@ def resolve_target(model: nn.Module, device: str | None, budget: str | None) -> 
             props = torch.cuda.get_device_properties(index)
             free = torch.cuda.mem_get_info(index)[0]
             return Target(str(dev), dev, props.total_memory,
-                          f"{dev}'s total memory ({props.name}; {_size(free)} of it free now)")
+                          f"{dev}'s total memory ({props.name}; {nbytes(free)} of it free now)")
         return Target(str(dev), dev, given, "given")
     if dev.type == "mps":
         mps = getattr(torch.backends, "mps", None)
@@ -216,10 +216,10 @@ class Ledger(fake.TorchDispatchMode or object):
                 if entry[0] != self.size(st.nbytes()):  # resized in place (resize_, set_)
                     self._resized(entry, st.nbytes())
                 continue
-            nbytes = self.size(st.nbytes())
+            size = self.size(st.nbytes())
             module = self.modules[-1] if self.modules and kind == "activations" else ""
-            self.live[key] = [nbytes, kind, weakref.ref(st, functools.partial(self._freed, key)), module]
-            self._change(kind, nbytes)
+            self.live[key] = [size, kind, weakref.ref(st, functools.partial(self._freed, key)), module]
+            self._change(kind, size)
 
     def alias(self, t: torch.Tensor) -> None:
         """Storages that hold nothing new (a fake copy of a counted real tensor): known, 0 bytes."""
@@ -242,8 +242,8 @@ class Ledger(fake.TorchDispatchMode or object):
             del self.live[key]
             self._change(entry[1], -entry[0])
 
-    def _resized(self, entry, nbytes: int):
-        new = self.size(nbytes)
+    def _resized(self, entry, capacity: int):
+        new = self.size(capacity)
         self._change(entry[1], new - entry[0])
         entry[0] = new
 
@@ -301,9 +301,9 @@ class Ledger(fake.TorchDispatchMode or object):
     def saved_by_module(self) -> dict[str, int]:
         """Bytes of the forward's storages alive now, by the module whose forward made them."""
         out: dict[str, int] = {}
-        for nbytes, kind, _, module in self.live.values():
+        for size, kind, _, module in self.live.values():
             if kind == "activations":
-                out[module] = out.get(module, 0) + nbytes
+                out[module] = out.get(module, 0) + size
         return out
 
     def __enter__(self):
@@ -363,8 +363,9 @@ def optimizer_spec(value, name: str):
     """--optimizer: 'adamw', 'adam', 'sgd', or (from the namespace) an optimizer or its class."""
     if value is None:
         return getattr(torch.optim, OPTIMIZERS[name.lower()])
-    if isinstance(value, torch.optim.Optimizer) or (isinstance(value, type) and issubclass(value, torch.optim.Optimizer)):
-        if getattr(value, "__name__", type(value).__name__) == "LBFGS" or isinstance(value, torch.optim.LBFGS):
+    cls = value if isinstance(value, type) else type(value)
+    if issubclass(cls, torch.optim.Optimizer):
+        if issubclass(cls, torch.optim.LBFGS):
             raise TorchMagicError(f"--optimizer {name}: LBFGS steps with a closure that reruns the model; "
                                   f"plan with --optimizer adamw or sgd")
         return value
@@ -392,15 +393,7 @@ def make_optimizer(spec, stand_ins: dict[int, torch.Tensor], target: Target) -> 
     for g in groups:
         if "foreach" in accepts and g.get("foreach") is None and not g.get("fused") and not g.get("differentiable"):
             g["foreach"] = target.is_cuda
-    with warnings_quiet():
-        return cls(groups)
-
-
-@contextlib.contextmanager
-def warnings_quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+    return cls(groups)
 
 
 def _state_tensors(optimizer: torch.optim.Optimizer):
@@ -591,8 +584,7 @@ class StepRecord:
 
     peak: int
     phase: str
-    parts: dict[str, int]
-    phases: dict[str, tuple[int, dict]]
+    phases: dict[str, tuple[int, dict]]  # phase -> (its peak, bytes by kind then)
     activations: int
     inputs: int
     by_module: dict[str, int]
@@ -654,9 +646,9 @@ def run_step(ledger: Ledger, forward: Callable[[], tuple[torch.Tensor, str]], op
         for h in handles:
             h.remove()
     phase = max(ledger.peaks, key=lambda k: ledger.peaks[k][0])
-    peak, parts = ledger.peaks[phase]
+    peak = ledger.peaks[phase][0]
     activations, by_module = ledger.forward_end
-    return StepRecord(peak=peak, phase=phase, parts=parts, phases=dict(ledger.peaks), activations=activations,
+    return StepRecord(peak=peak, phase=phase, phases=dict(ledger.peaks), activations=activations,
                       inputs=ledger.totals["inputs"], by_module=by_module, gradients=gradients, loss=how)
 
 
@@ -664,7 +656,6 @@ def _module_rows(model: nn.Module, root: str, by_module: dict[str, int]) -> list
     """Saved activations per module, each module's own and its submodules' together."""
     rows = []
     for qual, m in model.named_modules():
-        name = f"{root}.{qual}" if qual else root
         own = by_module.get(qual or root, 0)
         inside = sum(v for k, v in by_module.items() if k.startswith(f"{qual}.")) if qual else sum(by_module.values())
         if own or inside:
@@ -672,7 +663,7 @@ def _module_rows(model: nn.Module, root: str, by_module: dict[str, int]) -> list
                                    saved=(own + inside) if qual else inside, own=own))
     outside = by_module.get("", 0)
     if outside:
-        rows.append(PlanModule(name="(outside modules: loss)", cls="", depth=1, saved=outside, own=outside))
+        rows.append(PlanModule(name="(outside any module)", cls="", depth=1, saved=outside, own=outside))
     return rows
 
 
@@ -810,11 +801,6 @@ def _crossing(peaks: dict[int, int], budget: int) -> int | None:
     return b2 + math.floor((budget - p2) / slope) if slope > 0 else None
 
 
-def _size(n: float) -> str:
-    from .render import nbytes
-
-    return nbytes(n)
-
 
 # ---------------------------------------------------------------- beyond one device
 
@@ -942,7 +928,7 @@ def _spread(planner: Planner, target: Target, devices: int, shard: str | None, s
         buckets = ddp_buckets(planner.params, target.round_to)
         return buckets, [f"DDP: each of the {devices} devices holds the whole model, its gradients and optimizer state, "
                          f"and runs the step on its own batch (the input is one device's batch); DDP's gradient "
-                         f"buckets add {_size(buckets)} (a copy of every gradient, allocated when DDP wraps the "
+                         f"buckets add {nbytes(buckets)} (a copy of every gradient, allocated when DDP wraps the "
                          f"model; 0 with gradient_as_bucket_view=True). This is arithmetic on the one-device plan: "
                          f"DDP cannot run on fake tensors"]
     what = "FSDP" if shard == "fsdp" else "ZeRO-2"
@@ -951,7 +937,7 @@ def _spread(planner: Planner, target: Target, devices: int, shard: str | None, s
                               f"process cannot have (torch 2.6 or newer, and no process group initialised already); "
                               f"plan --shard ddp, or in a fresh kernel")
     blocks = planner.sharded_blocks
-    how = (f"each of {len(blocks)} repeated blocks ({_span(blocks)}) and the root sharded" if blocks
+    how = (f"each of {len(blocks)} repeated blocks ({span(blocks)}) and the root sharded" if blocks
            else "the whole model sharded as one unit (no repeated blocks found)")
     keep = ("gathered parameters are freed after each block's forward and gathered again in backward" if shard == "fsdp"
             else "each block's gathered parameters are kept from its forward to its backward "
@@ -960,9 +946,6 @@ def _spread(planner: Planner, target: Target, devices: int, shard: str | None, s
                f"parameters, gradients and optimizer state are divided by {devices}; {keep}; the input is one "
                f"device's batch; communication buffers are counted, the network's own are not"]
 
-
-def _span(names: list[str]) -> str:
-    return names[0] if len(names) == 1 else f"{names[0]} … {names[-1]}"
 
 
 def _result(planner: Planner, record: StepRecord, *, extra: int = 0) -> MemoryPlan:

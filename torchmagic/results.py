@@ -809,7 +809,7 @@ class MemoryPlan(Result):
     def _lines(self) -> list[str]:
         lines = [self._verdict(), self._parts()]
         if self.checkpointed:
-            lines.append(f"activation checkpointing: {len(self.checkpointed)} blocks ({_span(self.checkpointed)})")
+            lines.append(f"activation checkpointing: {len(self.checkpointed)} blocks ({span(self.checkpointed)})")
         return lines
 
     def _phase_table(self):
@@ -890,6 +890,6 @@ class MemoryPlan(Result):
         return "".join(out)
 
 
-def _span(names: list[str]) -> str:
+def span(names: list[str]) -> str:
     """['layers.0', ..., 'layers.31'] -> 'layers.0 … layers.31'."""
     return names[0] if len(names) == 1 else f"{names[0]} … {names[-1]}"
