@@ -858,7 +858,7 @@ class MemoryPlan(Result):
         """One stacked bar per phase (its peak, by kind), and the budget as a dashed line."""
         import html
 
-        bar, gap, left, top = 16, 8, 96, 4
+        bar, gap, left, top = 16, 8, 96, 16
         kinds = [k for k in PLAN_KINDS if any(p.get(k) for p in self.phases.values())]
         scale_to = max([p["total"] for p in self.phases.values()] + [self.budget or 0, 1])
         span = width - left - 8
@@ -878,8 +878,8 @@ class MemoryPlan(Result):
                     x += w
         if self.budget:
             bx = left + span * self.budget / scale_to
-            out.append(f'<line x1="{bx:.1f}" x2="{bx:.1f}" y1="0" y2="{height - 14}" stroke="currentColor" '
-                       f'stroke-dasharray="4 3"/><text x="{bx:.1f}" y="{height - 3}" text-anchor="end" '
+            out.append(f'<line x1="{bx:.1f}" x2="{bx:.1f}" y1="{top - 4}" y2="{height - 16}" stroke="currentColor" '
+                       f'stroke-dasharray="4 3"/><text x="{bx:.1f}" y="{top - 6}" text-anchor="end" '
                        f'fill="currentColor">budget {render.nbytes(self.budget)}</text>')
         legend_x = 0
         for k in kinds:
