@@ -199,9 +199,11 @@ class TorchMagics(Magics):
         given = [o for o, v in (("--optimizer", args.optimizer), ("--dtype", args.dtype), ("--amp", args.amp),
                                 ("--device", args.device), ("--budget", args.budget), ("--shard", args.shard),
                                 ("--checkpointing", args.checkpointing), ("--devices", args.devices != 1)) if v]
-        if args.plan_args or given:
-            what = given[0] if given else repr(args.plan_args[0])
-            raise TorchMagicError(f"%memory {action or ''} takes no {what}: it belongs to %memory plan MODEL INPUT")
+        if args.plan_args:  # as argparse says it when there is no place for them
+            raise TorchMagicError(f"%memory: unrecognized arguments: {' '.join(args.plan_args)}; see %memory? for usage")
+        if given:
+            raise TorchMagicError(f"%memory: {given[0]} is for %memory plan MODEL INPUT: use it there; "
+                                  f"see %memory? for usage")
         if action == "on":
             return self._memory_start()
         if action == "off":
@@ -418,7 +420,7 @@ class TorchMagics(Magics):
         if args.plan:
             return self._trainstep_plan(args, model, optimizer, cell)
         if args.budget is not None:
-            raise TorchMagicError("--budget goes with --plan: %%trainstep MODEL OPT --plan --budget 24GB")
+            raise TorchMagicError("--budget goes with --plan: use %%trainstep MODEL OPT --plan --budget 24GB")
         lrs = _parse_rates(args.lr, "--lr", "--lr 0.01") if args.lr is not None else None
         if args.steps < 1:
             raise TorchMagicError(f"--steps {args.steps}: give a number of steps of at least 1, e.g. --steps 10")
@@ -446,7 +448,8 @@ class TorchMagics(Magics):
         """The cell runs in a copy of the namespace in which the optimizer's name is its stand-in."""
         __tracebackhide__ = True  # noqa: F841
         if args.lr is not None or args.steps != 1 or args.eval or args.sweep is not None:
-            raise TorchMagicError("--plan takes no --lr, --steps, --eval or --sweep: it plans one step of the cell")
+            raise TorchMagicError("--plan takes no --lr, --steps, --eval or --sweep: it plans one step of the cell; "
+                                  "give --plan alone, or with --budget")
         if not args.optimizer.isidentifier():
             raise TorchMagicError(f"--plan binds the optimizer's name to a stand-in while the cell runs: give it by "
                                   f"name, e.g. opt = {args.optimizer} first, then %%trainstep {args.model} opt --plan")

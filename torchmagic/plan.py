@@ -367,7 +367,7 @@ def optimizer_spec(value, name: str):
     if issubclass(cls, torch.optim.Optimizer):
         if issubclass(cls, torch.optim.LBFGS):
             raise TorchMagicError(f"--optimizer {name}: LBFGS steps with a closure that reruns the model; "
-                                  f"plan with --optimizer adamw or sgd")
+                                  f"use --optimizer adamw or sgd")
         return value
     raise TorchMagicError(f"--optimizer {name} is {type(value).__name__}, not an optimizer: give adamw, adam, sgd "
                           f"or the name of your torch.optim optimizer")
@@ -388,7 +388,8 @@ def make_optimizer(spec, stand_ins: dict[int, torch.Tensor], target: Target) -> 
     else:
         cls, groups = spec, [{"params": trainable}]
     if not groups:
-        raise TorchMagicError("the optimizer holds none of the model's trainable parameters: nothing to plan")
+        raise TorchMagicError("the optimizer holds none of the model's trainable parameters: give the model's own "
+                              "optimizer, or adamw, adam or sgd")
     accepts = inspect.signature(cls.__init__).parameters
     for g in groups:
         if "foreach" in accepts and g.get("foreach") is None and not g.get("fused") and not g.get("differentiable"):
@@ -558,7 +559,7 @@ def loss_of(output) -> tuple[torch.Tensor, str]:
         if t.is_floating_point() and t.requires_grad:
             return t.float().mean(), "the mean of the output"
     raise TorchMagicError("the model's output has no floating-point tensor with a gradient to start backward "
-                          "from: plan your own loss with %%trainstep MODEL OPT --plan")
+                          "from: use %%trainstep MODEL OPT --plan with your own loss")
 
 
 def _tensors_in(value, depth: int = 0):
@@ -682,14 +683,15 @@ class Planner:
         self.blocks = repeated_blocks(self.model) if checkpointing else []
         if checkpointing and not self.blocks:
             raise TorchMagicError(f"--checkpointing: {name} has no repeated blocks to checkpoint (a ModuleList or "
-                                  f"Sequential of two or more like modules with layers inside)")
+                                  f"Sequential of two or more like modules with layers inside): use it on models "
+                                  f"that have them, such as transformers and ResNets")
         with self.shadow.mode():
             self.optimizer = make_optimizer(optimizer, by_id, target)
             try:
                 warm_up(self.optimizer)
             except Exception as e:
                 raise TorchMagicError(f"{type(self.optimizer).__name__}.step() failed on fake tensors "
-                                      f"({type(e).__name__}: {str(e)[:200]}): plan with --optimizer adamw or sgd") from None
+                                      f"({type(e).__name__}: {str(e)[:200]}): use --optimizer adamw or sgd") from None
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         is_param = {id(p) for p in model.parameters()}
         self.tensors = {id(t): (t, "parameters" if real in is_param else "buffers") for real, t in by_id.items()}.values()
@@ -748,7 +750,7 @@ def _forward_failed(e: Exception, name: str) -> TorchMagicError:
     message = str(e).strip().splitlines()[0] if str(e).strip() else ""
     if fake.needs_values(e):
         return TorchMagicError(f"{name}'s forward reads tensor values ({type(e).__name__}: {message[:120]}), which fake "
-                               f"tensors do not have: its memory cannot be planned without running it")
+                               f"tensors do not have: use %memory on and run one step for real to measure it")
     return TorchMagicError(f"{name}'s forward failed on fake tensors: {type(e).__name__}: {message[:200]}; "
                            f"%shapes {name} INPUT shows where")
 
@@ -886,7 +888,7 @@ def plan_memory(model: nn.Module, values: list, *, name: str, optimizer=None, op
     if shard is not None and shard not in SHARDS:
         raise TorchMagicError(f"--shard {shard}: give ddp, fsdp or zero2")
     if devices > 1 and shard is None:
-        raise TorchMagicError(f"--devices {devices}: say how the model is spread, --shard ddp, fsdp or zero2")
+        raise TorchMagicError(f"--devices {devices}: give how the model is spread, --shard ddp, fsdp or zero2")
     if shard is not None and devices < 2:
         raise TorchMagicError(f"--shard {shard} spreads the step over devices: give how many, e.g. --devices 8")
     cast = parse_dtype(dtype) if dtype is not None else None
@@ -935,7 +937,7 @@ def _spread(planner: Planner, target: Target, devices: int, shard: str | None, s
     if not sharded:
         raise TorchMagicError(f"--shard {shard} plans with torch's FSDP2 on a fake process group, which this "
                               f"process cannot have (torch 2.6 or newer, and no process group initialised already); "
-                              f"plan --shard ddp, or in a fresh kernel")
+                              f"use --shard ddp, or plan in a fresh kernel")
     blocks = planner.sharded_blocks
     how = (f"each of {len(blocks)} repeated blocks ({span(blocks)}) and the root sharded" if blocks
            else "the whole model sharded as one unit (no repeated blocks found)")
@@ -999,8 +1001,8 @@ class CellPlanner(Planner):
             except Exception as e:
                 if fake.needs_values(e):
                     raise TorchMagicError(f"the cell reads a tensor's values ({type(e).__name__}), which fake tensors "
-                                          f"do not have: leave out .item(), print() and data-dependent code while "
-                                          f"planning") from None
+                                          f"do not have: use a cell without .item(), print() or data-dependent code "
+                                          f"to plan it") from None
                 raise
             return check_loss(loss), "your cell's last line"
 
@@ -1009,7 +1011,7 @@ class CellPlanner(Planner):
     def record(self, batch: int | None = None) -> StepRecord:
         def refuse(*args):
             raise TorchMagicError("the cell steps your real optimizer under another name: while planning, the "
-                                  "optimizer's name is bound to a stand-in; step through that name, or let "
+                                  "optimizer's name is bound to a stand-in; use that name to step, or let "
                                   "%%trainstep step")
 
         guard = self.user_optimizer.register_step_pre_hook(refuse)
