@@ -182,9 +182,9 @@ class TorchMagics(Magics):
             %memory release   # free the tensors a failed cell's traceback keeps alive
             %memory off       # stop (%memory clear forgets the history)
 
-            %memory plan net 64,1,32,32                       # parameters, gradients, optimizer state, activations, peak
-            %memory plan llama 1,2048 --dtype bfloat16 --budget 80GB    # fits? the largest batch that does
-            %memory plan llama 1,4096 --devices 64 --shard fsdp --budget 80GB
+            %memory plan net 64,1,32,32                                # where a step's memory goes, its peak
+            %memory plan llama 1,2048 --dtype bfloat16 --budget 80GB   # fits? the largest batch that does
+            %memory plan llama 1,4096 --dtype bfloat16 --devices 64 --shard fsdp --budget 80GB
 
         Cells that change memory by less than TorchMagics.memory_min_change (1 MB) show nothing
         but are kept in the history. With CUDA, the peak counter (torch.cuda.max_memory_allocated)
