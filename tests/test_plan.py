@@ -80,6 +80,7 @@ def test_budget_says_whether_it_fits_and_the_largest_batch(notes):
     assert at.peak <= 2**20 < above.peak
     over = notes.run(f"%memory plan net {best + 1},1,32,32 --optimizer sgd --budget 1MB")
     assert not over.fits and over.headroom == 2**20 - above.peak and "does not fit" in notes.text(over)
+    assert "to fit: the largest part at the peak is" in notes.text(over)
     tiny = notes.run("%memory plan net 1,1,32,32 --budget 1KB")
     assert tiny.largest_batch == 0 and "not even batch 1 fits" in notes.text(tiny)
 
@@ -134,6 +135,7 @@ def test_fsdp_and_zero2_shard_model_states_on_a_fake_process_group(shell, bench)
     # ZeRO-2 keeps each block's gathered parameters from its forward to its backward; FSDP frees them
     assert zero2.phases["backward"]["gathered parameters"] > fsdp.phases["backward"].get("gathered parameters", 0)
     assert fsdp.activations == zero2.activations == one.activations
+    assert fsdp.modules[0].cls == "LlamaForCausalLM"  # the user's class, not the one fully_shard made
 
 
 def test_fsdp_refused_when_a_process_group_exists(notes):

@@ -654,7 +654,8 @@ def run_step(ledger: Ledger, forward: Callable[[], tuple[torch.Tensor, str]], op
 
 
 def _module_rows(model: nn.Module, root: str, by_module: dict[str, int]) -> list[PlanModule]:
-    """Saved activations per module, each module's own and its submodules' together."""
+    """Saved activations per module, each module's own and its submodules' together. `model` is the
+    user's (a sharded copy has the same names, and classes FSDP made)."""
     rows = []
     for qual, m in model.named_modules():
         own = by_module.get(qual or root, 0)
@@ -950,6 +951,28 @@ def _spread(planner: Planner, target: Target, devices: int, shard: str | None, s
 
 
 
+_ADVICE = {
+    "activations": "--checkpointing, a smaller batch or shorter sequences",
+    "optimizer state": "--shard fsdp or zero2 over more devices, or an optimizer with less state (sgd)",
+    "parameters": "--dtype bfloat16, or --shard fsdp over more devices",
+    "gradients": "--shard fsdp or zero2 over more devices",
+    "gathered parameters": "--shard fsdp (zero2 keeps the gathered parameters until backward), or more devices",
+    "DDP buckets": "--shard fsdp or zero2",
+}
+
+
+def _advice(parts: dict[str, int], phase: str, checkpointing: bool) -> str:
+    """What to try when the step does not fit: for the largest part at the peak."""
+    largest = max(parts, key=parts.get)
+    if largest == "temporaries" and phase == "optimizer step":
+        what = "fused=True or foreach=False on the optimizer (no full-size temporaries)"
+    else:
+        what = _ADVICE.get(largest, "a smaller batch")
+        if checkpointing:
+            what = what.replace("--checkpointing, ", "")
+    return f"to fit: the largest part at the peak is {largest} ({nbytes(parts[largest])}); try {what}"
+
+
 def _result(planner: Planner, record: StepRecord, *, extra: int = 0) -> MemoryPlan:
     phases = {}
     for phase in PHASES:
@@ -965,6 +988,9 @@ def _result(planner: Planner, record: StepRecord, *, extra: int = 0) -> MemoryPl
     if target.run_on.type != target.name.split(":")[0]:
         notes.append("planned for CUDA on this machine's CPU (this torch has no CUDA): CUDA's 512-byte allocation "
                      "blocks and its default optimizer kernels (foreach) apply; autocast uses the CPU's op lists")
+    peak_parts = {k: v for k, v in phases[record.phase].items() if k != "total"}
+    if target.budget is not None and record.peak + extra > target.budget:
+        notes.append(_advice(peak_parts, record.phase, bool(planner.blocks)))
     if not any(m.training for m in planner.model.modules()):
         notes.append(f"{planner.name} is in eval mode: planned as it is (no dropout masks); call {planner.name}.train() "
                      f"to plan training")
@@ -974,8 +1000,8 @@ def _result(planner: Planner, record: StepRecord, *, extra: int = 0) -> MemoryPl
         batch=planner.old_batch, parameters=planner.bytes_of("parameters"), buffers=planner.bytes_of("buffers"),
         gradients=record.gradients, optimizer_state=planner.state_bytes, activations=record.activations,
         inputs=record.inputs, peak=record.peak + extra, peak_phase=record.phase,
-        peak_parts={k: v for k, v in phases[record.phase].items() if k != "total"}, phases=phases,
-        modules=_module_rows(planner.model, planner.name, record.by_module), loss=record.loss,
+        peak_parts=peak_parts, phases=phases,
+        modules=_module_rows(planner.user_model, planner.name, record.by_module), loss=record.loss,
         checkpointed=[n for n, _ in planner.blocks], budget=target.budget, budget_source=target.budget_source,
         notes=notes)
 
