@@ -180,10 +180,10 @@ def _autocast(amp: bool):
 
 
 def measure(model, x, optimizer, *, amp: bool, tracker: Storages | None = None, steps_before: int = 1,
-            inner: nn.Module | None = None) -> dict:
+            inner: nn.Module | None = None, checkpointing: bool = False) -> dict:
     """The step the plan plans, run for real: peak, and what the forward leaves for backward.
     `inner`: the model a wrapper (DDP) wraps, whose forward's parameters decide the call."""
-    args, kwargs, _ = plan.call_of(inner or model, [x])
+    args, kwargs, _ = plan.call_of(inner or model, [x], checkpointing)
 
     def forward():
         with _autocast(amp):
@@ -214,9 +214,9 @@ def measure(model, x, optimizer, *, amp: bool, tracker: Storages | None = None, 
     return {"peak": peak, "activations": activations}
 
 
-def measure_cuda(model, x, optimizer, *, amp: bool) -> dict:
+def measure_cuda(model, x, optimizer, *, amp: bool, checkpointing: bool = False) -> dict:
     """The same step on a GPU: the peak is torch.cuda.max_memory_allocated() during it."""
-    args, kwargs, _ = plan.call_of(model, [x])
+    args, kwargs, _ = plan.call_of(model, [x], checkpointing)
 
     def forward():
         with torch.autocast("cuda", dtype=torch.bfloat16) if amp else contextlib.nullcontext():
@@ -251,8 +251,8 @@ def one_process(quick: bool, device: str = "cpu") -> list[list[str]]:
         seconds = time.perf_counter() - started
         optimizer = getattr(torch.optim, plan.OPTIMIZERS[opt])(model.parameters())
         with plan.checkpointed([b for _, b in plan.repeated_blocks(model)] if ck else []):
-            real = measure(model, x, optimizer, amp=amp) if device == "cpu" else \
-                measure_cuda(model, x, optimizer, amp=amp)
+            real = measure(model, x, optimizer, amp=amp, checkpointing=ck) if device == "cpu" else \
+                measure_cuda(model, x, optimizer, amp=amp, checkpointing=ck)
         rows.append([name, planned.optimizer, "bf16 autocast" if amp else "float32", "yes" if ck else "",
                      f"{planned.peak:,}", f"{real['peak']:,}", f"{planned.peak / real['peak']:.4f}",
                      planned.peak_phase, f"{planned.activations / max(real['activations'], 1):.4f}", f"{seconds:.2f}"])

@@ -68,8 +68,11 @@ def test_checkpointing_plan_equals_the_real_step_and_leaves_grads_alone(shell, b
     model.zero_grad(set_to_none=True)
     optimizer = torch.optim.AdamW(model.parameters())
     with plan.checkpointed([b for _, b in plan.repeated_blocks(model)]):
-        real = bench.measure(model, x, optimizer, amp=False)
-    assert p.peak == real["peak"]
+        real = bench.measure(model, x, optimizer, amp=False, checkpointing=True)
+    # transformers reads the positions of a real input to see that attention needs no mask; on fake
+    # tensors it cannot, and builds one: the plan may be high by at most a float mask per layer
+    batch, seq = x.shape
+    assert 0 <= p.peak - real["peak"] <= 2 * batch * seq * seq * 4
 
 
 def test_budget_says_whether_it_fits_and_the_largest_batch(notes):

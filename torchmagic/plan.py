@@ -525,14 +525,20 @@ def fake_inputs(shadow: fake.Shadow, model: nn.Module, values: list, device: tor
     return [convert(v) for v in values]
 
 
-def call_of(model: nn.Module, values: list) -> tuple[tuple, dict, str]:
+def call_of(model: nn.Module, values: list, checkpointing: bool = False) -> tuple[tuple, dict, str]:
     """The forward's arguments, and the loss in words. A model whose forward takes `labels` (a
-    Hugging Face model) given only token ids computes its own loss with labels = the ids."""
+    Hugging Face model) given only token ids computes its own loss with labels = the ids. With
+    checkpointing, one that takes `use_cache` keeps no key/value cache, as Hugging Face's own
+    checkpointing does: with a cache, checkpointed layers would append their keys and values to it
+    again in backward and keep them to its end."""
     if len(values) == 1 and isinstance(values[0], dict):
         args, kwargs = (), dict(values[0])
     else:
         args, kwargs = tuple(values[0]) if len(values) == 1 and isinstance(values[0], (tuple, list)) else tuple(values), {}
-    if "labels" in kwargs or "labels" not in _forward_params(model):
+    accepts = _forward_params(model)
+    if checkpointing and "use_cache" in accepts and "use_cache" not in kwargs:
+        kwargs["use_cache"] = False
+    if "labels" in kwargs or "labels" not in accepts:
         return args, kwargs, ""
     ids = args[0] if len(args) == 1 and not kwargs else kwargs.get("input_ids") if not args else None
     if isinstance(ids, torch.Tensor) and not ids.is_floating_point():
@@ -723,7 +729,7 @@ class Planner:
     def forward(self, ledger: Ledger, batch: int | None) -> Callable[[], tuple[torch.Tensor, str]]:
         values = fake_inputs(self.shadow, self.user_model, self.values, self.target.run_on, self.cast, batch,
                              self.old_batch)
-        args, kwargs, how = call_of(self.user_model, values)
+        args, kwargs, how = call_of(self.user_model, values, checkpointing=bool(self.blocks))
         for t in torch.utils._pytree.tree_leaves((args, kwargs)):
             if isinstance(t, torch.Tensor):
                 ledger.add(t, "inputs")
