@@ -536,14 +536,14 @@ def call_of(model: nn.Module, values: list, checkpointing: bool = False) -> tupl
     else:
         args, kwargs = tuple(values[0]) if len(values) == 1 and isinstance(values[0], (tuple, list)) else tuple(values), {}
     accepts = _forward_params(model)
+    how = ""
+    if "labels" not in kwargs and "labels" in accepts:
+        ids = args[0] if len(args) == 1 and not kwargs else kwargs.get("input_ids") if not args else None
+        if isinstance(ids, torch.Tensor) and not ids.is_floating_point():
+            kwargs["labels"], how = ids, "the model's own loss (labels = the input ids)"
     if checkpointing and "use_cache" in accepts and "use_cache" not in kwargs:
         kwargs["use_cache"] = False
-    if "labels" in kwargs or "labels" not in accepts:
-        return args, kwargs, ""
-    ids = args[0] if len(args) == 1 and not kwargs else kwargs.get("input_ids") if not args else None
-    if isinstance(ids, torch.Tensor) and not ids.is_floating_point():
-        return args, {**kwargs, "labels": ids}, "the model's own loss (labels = the input ids)"
-    return args, kwargs, ""
+    return args, kwargs, how
 
 
 def _forward_params(model: nn.Module):
