@@ -474,7 +474,7 @@ class TorchMagics(Magics):
             return _run_body(head, tail, cell_ns)
 
         planned = functools.partial(plan.plan_cell, name=args.model, budget=args.budget)
-        return _user_call(body.filename, planned, model, optimizer, run)
+        return _user_call(body.filename, self.shell.user_ns, planned, model, optimizer, run)
 
     def _sweep_rates(self, args) -> list[float]:
         if args.lr is not None or args.steps != 1 or args.eval:

@@ -233,6 +233,15 @@ def fold_depth(rows: list[TreeRow], limit: int = LONG_TABLE) -> tuple[list[TreeR
     return [r for r in rows if r.depth <= shown or "tm-fail" in r.css], shown
 
 
+def fold(rows: list[list[str]], classes: list[str], limit: int = LONG_TABLE) -> tuple[list[int], int] | None:
+    """fold_depth for plain cells whose first cell is indented two spaces a level: the indices of the
+    rows kept and their depth; None when no depth is worth folding to."""
+    tree = [TreeRow(name="", label="", depth=(len(r[0]) - len(r[0].lstrip(" "))) // 2 if r else 0, cells=[], full=[],
+                    css=c, source=i) for i, (r, c) in enumerate(zip(rows, classes))]
+    folded = fold_depth(tree, limit)
+    return None if folded is None else ([r.source for r in folded[0]], folded[1])
+
+
 def short_view(rows: list[TreeRow], merge, limit: int = LONG_TABLE) -> tuple[list[TreeRow], str] | None:
     """A long table's short view (identical blocks folded, then its shallow rows) and what it shows;
     None for a table short enough to show whole."""
