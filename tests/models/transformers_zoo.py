@@ -1,0 +1,74 @@
+"""Every causal-LM architecture in the installed transformers' registry, built at a tiny size from its
+config with random weights (nothing is downloaded: HF_HUB_OFFLINE=1)."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+# Passed to each config's constructor where the config has the field (or an alias of it), so that it
+# derives the rest (head_dim from hidden_size and heads, ...) itself.
+TINY = dict(
+    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+    vocab_size=128, max_position_embeddings=64, head_dim=16,
+    # mixture of experts
+    num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_routed_experts=4,
+    n_shared_experts=1, shared_expert_intermediate_size=32, topk_group=1, n_group=1, first_k_dense_replace=1,
+    # latent attention (DeepSeek)
+    kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+    # encoder-decoder families used as decoders, and the GPT-2 spellings
+    d_model=64, ffn_dim=128, encoder_ffn_dim=128, decoder_ffn_dim=128, decoder_layers=2, decoder_attention_heads=4,
+    encoder_layers=2, encoder_attention_heads=4, num_layers=2, num_heads=4, n_layer=2, n_head=4, n_embd=64,
+    pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=0,
+    # a plain forward without a cache: some hybrid models' cache fails on a first forward in this release
+    use_cache=False,
+)
+MAX_PARAMS = 3_000_000  # a config whose other sizes stay large (image towers, huge vocabularies) is skipped
+BATCH, SEQ = 2, 8
+
+
+def architectures() -> dict[str, str]:
+    """model type -> causal-LM class name."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return dict(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def tiny_config(arch: str):
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config_class = CONFIG_MAPPING[arch]
+    default = config_class()
+    known = set(default.to_dict()) | set(getattr(default, "attribute_map", {}))
+    try:
+        return config_class(**{k: v for k, v in TINY.items() if k in known})
+    except Exception:  # a validator refuses the combination: set the fields one by one on the default
+        for k, v in TINY.items():
+            if k in known:
+                try:
+                    setattr(default, k, v)
+                except Exception:
+                    pass
+        return default
+
+
+def build(arch: str):
+    """(model, config) with seeded random weights; raises when the tiny config does not build."""
+    import transformers
+
+    config = tiny_config(arch)
+    model_class = getattr(transformers, architectures()[arch])
+    with torch.device("meta"):  # count first: a config that stays huge must not allocate gigabytes
+        size = sum(p.numel() for p in model_class(config).parameters())
+    if size > MAX_PARAMS:
+        raise ValueError(f"the tiny config still has {size:,} parameters")
+    torch.manual_seed(0)
+    return model_class(config), config
+
+
+def token_ids(config) -> torch.Tensor:
+    vocab = getattr(config, "vocab_size", None) or 128
+    return torch.randint(3, min(vocab, 128), (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
