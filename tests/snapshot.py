@@ -16,7 +16,8 @@ import pytest
 import torch
 from torch.nn.modules import module as nn_module
 
-_GLOBAL_HOOK_DICTS = [name for name in dir(nn_module) if name.startswith("_global_") and name.endswith("hooks")]
+# Every global dict of torch.nn.modules.module: the hooks and their flags (with_kwargs, always_call).
+_GLOBAL_HOOK_DICTS = [name for name in dir(nn_module) if name.startswith("_global_") and isinstance(getattr(nn_module, name), dict)]
 
 
 def _module_hook_dicts(m: torch.nn.Module) -> list[str]:

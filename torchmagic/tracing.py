@@ -117,10 +117,9 @@ class Recorder:
     Ops are recorded only in code a user wrote (outside any module, or in a forward that is not
     torch.nn's own), so `x.view(...)` in a forward is a row and F.linear inside nn.Linear is not."""
 
-    def __init__(self, names: dict[int, str], namer=None, values: dict | None = None):
+    def __init__(self, names: dict[int, str], namer=None):
         self.names = names
         self.namer = namer  # called for names of modules made while recording (%%shapes)
-        self.values = values or {}
         self.rows: list[ShapeRow] = []
         self.stack: list[tuple[nn.Module, int, tuple]] = []  # (module, row index, args) of open calls
         self.row_modules: list[nn.Module | None] = []
@@ -144,9 +143,6 @@ class Recorder:
             self.stack.append((module, len(self.rows), args))
             self.rows.append(row)
             self.row_modules.append(module)
-            if isinstance(module, nn.Embedding) and self.values and args and id(args[0]) in self.values:
-                with fake.outside_modes():
-                    explain.check_ids(module, self.values[id(args[0])])
         finally:
             self.busy = False
 
@@ -240,7 +236,6 @@ class Recorder:
         self.rename()
         self.stack.clear()
         self.row_modules.clear()
-        self.values = {}
 
 
 class _Ops(TorchFunctionMode):
@@ -277,14 +272,17 @@ def recording(recorder: Recorder, *, ops: bool = True, count: bool = True):
     finally:
         # A Ctrl-C can land on the call that sets up the deferral: then remove again, whole, and let
         # it through (remove() is idempotent). A helper function would be one more call to land on.
+        # torch's handle of a hook registered with_kwargs leaves its entry in _global_forward_hooks_with_kwargs.
         try:
             with interrupts_deferred():
                 for h in handles:
                     h.remove()
+                    nn_module._global_forward_hooks_with_kwargs.pop(h.id, None)
         except KeyboardInterrupt:
             with interrupts_deferred():
                 for h in handles:
                     h.remove()
+                    nn_module._global_forward_hooks_with_kwargs.pop(h.id, None)
             raise
 
 
@@ -366,10 +364,10 @@ def _shadow_values(shadow: fake.Shadow, model: nn.Module, values: list) -> list:
     return [convert(v) for v in values]
 
 
-def _run(model: nn.Module, values: list, name: str, mode: str, ops: bool) -> tuple[Recorder, ShapeFailure | None, bool]:
-    """One forward in this mode under the guard. Returns the recorder, the failure, and whether the
-    failure came from reading values that fake/meta tensors lack."""
-    failure, needs_values = None, False
+def _run(model: nn.Module, values: list, name: str, mode: str, ops: bool) -> tuple[Recorder, ShapeFailure | None, str]:
+    """One forward in this mode under the guard. Returns the recorder, the failure, and, when the
+    failure is fake or meta mode's own (values they lack, an op they cannot run), what it could not do."""
+    failure, limit = None, ""
     with model_preserved(model), torch.no_grad():
         shadow = None if mode == "real" else fake.Shadow(mode)
         if shadow is None:
@@ -383,7 +381,7 @@ def _run(model: nn.Module, values: list, name: str, mode: str, ops: bool) -> tup
             except Exception as e:
                 raise TorchMagicError(f"{mode} mode cannot copy the model or input ({type(e).__name__}: {e}); "
                                       f"use --mode real") from None
-        recorder = Recorder(module_names(model, name), values=shadow.values if shadow else None)
+        recorder = Recorder(module_names(model, name))
         with recording(recorder, ops=ops):
             try:
                 if shadow is not None:
@@ -392,13 +390,21 @@ def _run(model: nn.Module, values: list, name: str, mode: str, ops: bool) -> tup
                     model(*args, **kwargs)
             except Exception as exc:  # the user's forward failed: report it, keep no reference to it
                 failure = recorder.failure(exc)
-                needs_values = mode != "real" and fake.needs_values(exc)
+                limit = shadow.limit(exc) if shadow is not None else ""
                 del exc
             finally:
                 recorder.close()
     if recorder.rows and not recorder.rows[0].inputs:
         recorder.rows[0].inputs = describe_call(args, kwargs)  # keyword-only calls: the pre hook sees no kwargs
-    return recorder, failure, needs_values
+    return recorder, failure, limit
+
+
+def _affordable(model: nn.Module, values: list) -> bool:
+    """A real forward that auto may run when fake or meta mode cannot: the model holds data and is
+    not far beyond the size auto runs for real."""
+    if not all(fake.has_data(t) for t in _tensors(model)):
+        return False
+    return sum(p.numel() for p in model.parameters()) <= 100 * REAL_LIMIT and _numel(values) <= 100 * REAL_LIMIT
 
 
 def trace_shapes(model: nn.Module, values: list, *, name: str, mode: str = "auto", depth: int | None = None,
@@ -415,22 +421,20 @@ def trace_shapes(model: nn.Module, values: list, *, name: str, mode: str = "auto
         if mode == "real" and any(not fake.has_data(t) for t in _tensors(model)):
             raise TorchMagicError(f"{name} has meta or fake tensors, which hold no data for a real forward: "
                                   f"use --mode meta or --mode fake")
-    recorder, failure, needs_values = _run(model, values, name, mode, ops)
-    if failure is not None and not ops and not needs_values:
+    recorder, failure, limit = _run(model, values, name, mode, ops)
+    if failure is not None and not ops and not limit:
         # Again with the op recorder (it costs time): the explanation names the view or flatten that made the input.
-        recorder, failure, needs_values = _run(model, values, name, mode, True)
-    if needs_values:
-        has_data = all(fake.has_data(t) for t in _tensors(model))
-        if why != "asked for" and has_data:
-            notes.append(f"{mode} mode stopped at {failure.module}: it reads tensor values, which {mode} tensors "
-                         f"lack; ran a real forward instead")
+        recorder, failure, limit = _run(model, values, name, mode, True)
+    if limit:
+        if why != "asked for" and _affordable(model, values):
+            notes.append(f"{mode} mode stopped at {failure.module}: it {limit}; ran a real forward instead")
             mode, why = "real", "fell back from " + mode
-            recorder, failure, needs_values = _run(model, values, name, "real", True)
-        else:
-            failure.explanation = (f"{failure.module} reads tensor values (e.g. .item(), nonzero or a boolean "
-                                   f"mask), which {mode} tensors do not have")
-            failure.fix = ("use --mode real" if has_data else
-                           "load real weights to trace it, or trace the layers before it")
+            recorder, failure, limit = _run(model, values, name, "real", True)
+        else:  # say what this mode could not do; an explanation of the model's would blame it wrongly
+            has_data = all(fake.has_data(t) for t in _tensors(model))
+            failure.explanation = f"{failure.module} {limit}"
+            failure.fix = ("use --mode real" if has_data else "use --mode fake" if mode == "meta" and "reads" not in limit
+                           else "load real weights to trace it, or trace the layers before it")
     trace = _result(recorder, failure, name=name, mode=mode, why=why, depth=depth, ops=ops, notes=notes)
     unique = {id(p): p for p in model.parameters()}.values()
     trace.params = sum(p.numel() for p in unique)

@@ -43,8 +43,11 @@ def tiny_config(arch: str):
     config_class = CONFIG_MAPPING[arch]
     default = config_class()
     known = set(default.to_dict()) | set(getattr(default, "attribute_map", {}))
+    sizes = {k: v for k, v in TINY.items() if k in known}
+    if "kv_lora_rank" in known:  # latent attention expands keys to every head: no grouped-query heads
+        sizes["num_key_value_heads"] = TINY["num_attention_heads"]
     try:
-        return config_class(**{k: v for k, v in TINY.items() if k in known})
+        return config_class(**sizes)
     except Exception:  # a validator refuses the combination: set the fields one by one on the default
         for k, v in TINY.items():
             if k in known:
