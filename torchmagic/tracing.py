@@ -3,11 +3,13 @@ TorchFunctionMode, in real, fake or meta mode. Hooks and modes are removed on ex
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 
 import torch
 from torch import nn
 from torch.nn.modules import module as nn_module
+from torch.nn.parameter import is_lazy
 from torch.overrides import TorchFunctionMode
 
 from . import explain, fake
@@ -75,7 +77,14 @@ def first_dtype(value, depth: int = 0) -> str:
 
 
 def own_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters(recurse=False))
+    return sum(p.numel() for p in module.parameters(recurse=False) if not is_lazy(p))
+
+
+def class_name(module: nn.Module) -> str:
+    """The class the user wrote: a TorchScript module's own class is RecursiveScriptModule (or a traced one)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return getattr(module, "original_name", None) or type(module).__name__
+    return type(module).__name__
 
 
 def _has_tensor(value) -> bool:
@@ -88,6 +97,12 @@ def module_names(model: nn.Module, root: str, prefix: bool = False) -> dict[int,
     for name, m in model.named_modules(remove_duplicate=False):
         names.setdefault(id(m), f"{root}.{name}" if name and prefix else (name or root))
     return names
+
+
+def module_names_to_modules(model: nn.Module, root: str) -> dict[str, nn.Module]:
+    """qualified name (as module_names gives it) -> module."""
+    modules = {id(m): m for m in model.modules()}
+    return {name: modules[mid] for mid, name in module_names(model, root).items()}
 
 
 def param_names(model: nn.Module) -> dict[int, str]:
@@ -293,8 +308,8 @@ def unwrap(model: nn.Module, name: str) -> tuple[nn.Module, str, list[str]]:
     """The module that really runs: torch.compile's original module, DataParallel's and DDP's .module."""
     notes = []
     while True:
-        inner = model._modules.get("_orig_mod")
-        if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+        inner = getattr(model, "_orig_mod", None) if type(model).__name__ == "OptimizedModule" else None
+        if isinstance(inner, nn.Module):
             notes.append(f"{name} is torch.compile'd: traced its original module (the same layers, not compiled)")
             model = inner
         elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
@@ -337,6 +352,10 @@ def choose_mode(model: nn.Module, values: list) -> tuple[str, str]:
         return "fake", "the model or input holds fake tensors"
     if fake.UNAVAILABLE:
         return "real", f"fake tensors are not available ({fake.UNAVAILABLE})"
+    if isinstance(model, torch.jit.ScriptModule):
+        return "real", "a TorchScript module runs its compiled code on real tensors"
+    if any(is_lazy(t) for t in _tensors(model)):
+        return "real", "lazy layers get their shapes from a real forward (on a copy)"
     params = sum(p.numel() for p in model.parameters())
     device, _ = model_device_dtype(model)
     numel = _numel(values)
@@ -421,6 +440,19 @@ def trace_shapes(model: nn.Module, values: list, *, name: str, mode: str = "auto
         if mode == "real" and any(not fake.has_data(t) for t in _tensors(model)):
             raise TorchMagicError(f"{name} has meta or fake tensors, which hold no data for a real forward: "
                                   f"use --mode meta or --mode fake")
+        if mode != "real" and isinstance(model, torch.jit.ScriptModule):
+            raise TorchMagicError(f"{name} is a TorchScript module, whose parameters {mode} mode cannot swap for "
+                                  f"stand-ins: use --mode real")
+        if mode != "real" and any(is_lazy(t) for t in _tensors(model)):
+            raise TorchMagicError(f"{name} has uninitialized lazy layers, which only a real forward gives shapes: "
+                                  f"use --mode real (it runs on a copy; {name} stays uninitialized)")
+    user_model = model
+    if any(is_lazy(t) for t in _tensors(model)):  # the first forward would materialize the user's lazy layers
+        model = copy.deepcopy(model)
+        lazy = sorted({type(m).__name__ for m in model.modules()
+                       if any(is_lazy(t) for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)])})
+        notes.append(f"{name} has uninitialized lazy layers ({', '.join(lazy)}): traced a copy, whose first forward "
+                     f"gave them the shapes shown; {name} itself stays uninitialized")
     recorder, failure, limit = _run(model, values, name, mode, ops)
     if failure is not None and not ops and not limit:
         # Again with the op recorder (it costs time): the explanation names the view or flatten that made the input.
@@ -435,6 +467,19 @@ def trace_shapes(model: nn.Module, values: list, *, name: str, mode: str = "auto
             failure.explanation = f"{failure.module} {limit}"
             failure.fix = ("use --mode real" if has_data else "use --mode fake" if mode == "meta" and "reads" not in limit
                            else "load real weights to trace it, or trace the layers before it")
+    scripted = {qual: m for qual, m in module_names_to_modules(model, name).items() if isinstance(m, torch.jit.ScriptModule)}
+    for row in recorder.rows:
+        module = scripted.get(row.name)
+        if module is not None:
+            row.cls = class_name(module)
+            if next(module.children(), None) is not None:
+                notes.append(f"{row.name} is TorchScript (scripted or traced): its layers run inside compiled code, "
+                             f"where no hook sees them, so the table shows {row.name} as one call")
+    if model is not user_model:  # the lazy layers' parameters, now that the copy's forward made them
+        made = module_names_to_modules(model, name)
+        for row in recorder.rows:
+            if row.name in made:
+                row.params = own_params(made[row.name])
     trace = _result(recorder, failure, name=name, mode=mode, why=why, depth=depth, ops=ops, notes=notes)
     unique = {id(p): p for p in model.parameters()}.values()
     trace.params = sum(p.numel() for p in unique)
