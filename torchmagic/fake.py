@@ -80,7 +80,7 @@ class Shadow:
         self.kind = kind
         self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if kind == "fake" else None
         self.values: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.failed_op: tuple | None = None  # (op, its arguments as _Specs, message, exception) of the last op that raised
+        self.failed_op: tuple | None = None  # (op, its arguments as _Specs, exception) of the last op that raised
 
     def tensor(self, t: torch.Tensor) -> torch.Tensor:
         if self.kind == "meta":
@@ -124,12 +124,16 @@ class Shadow:
         log = logging.getLogger("torch._subclasses.fake_tensor")
         level = log.level
         log.setLevel(logging.CRITICAL)  # it logs a traceback for every failing op: the result reports it once
+        # torch.distributions checks its arguments' values (scale > 0), which stand-ins lack: not here.
+        validate = torch.distributions.Distribution._validate_args
+        torch.distributions.Distribution.set_default_validate_args(False)
         try:
             with self.mode(), _Kernels(self):
                 if all(state[k] is v for k, v in _named_tensors(model)):
                     return model(*args, **kwargs)  # a model on meta in meta mode: nothing to swap
                 return torch.func.functional_call(model, state, args, kwargs, tie_weights=True, strict=False)
         finally:
+            torch.distributions.Distribution.set_default_validate_args(validate)
             log.setLevel(level)
 
     def limit(self, exc: BaseException) -> str:
@@ -139,12 +143,12 @@ class Shadow:
             return f"reads tensor values (e.g. .item(), nonzero or a boolean mask), which {self.kind} tensors do not have"
         if self.failed_op is None:
             return ""
-        op, specs, message, raised = self.failed_op
+        op, specs, raised = self.failed_op
         self.failed_op = None
         if not _caused_by(exc, raised):  # an op failure that the forward caught, then another error
             return ""
         if isinstance(exc, UnsupportedOperatorException) or _runs_for_real(op, specs):
-            return f"calls {op}, which {self.kind} tensors cannot run ({message}); a real forward runs it"
+            return f"calls {op}, which {self.kind} tensors cannot run (a real forward runs it)"
         return ""
 
 
@@ -238,8 +242,7 @@ if TorchDispatchMode is not None:
                 out = kernel(*args, **kwargs) if kernel is not None else None
                 return out if out is not None else func(*args, **kwargs)
             except Exception as e:
-                self.shadow.failed_op = (func, torch.utils._pytree.tree_map(_spec, (args, kwargs)),
-                                         str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, e)
+                self.shadow.failed_op = (func, torch.utils._pytree.tree_map(_spec, (args, kwargs)), e)
                 raise
 else:
     _Kernels = None

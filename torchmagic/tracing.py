@@ -413,6 +413,8 @@ def _run(model: nn.Module, values: list, name: str, mode: str, ops: bool) -> tup
                 del exc
             finally:
                 recorder.close()
+                if shadow is not None:
+                    shadow.failed_op = None  # an error the forward caught: its traceback holds the stand-ins
     if recorder.rows and not recorder.rows[0].inputs:
         recorder.rows[0].inputs = describe_call(args, kwargs)  # keyword-only calls: the pre hook sees no kwargs
     return recorder, failure, limit
