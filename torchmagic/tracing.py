@@ -469,24 +469,30 @@ def trace_shapes(model: nn.Module, values: list, *, name: str, mode: str = "auto
             failure.explanation = f"{failure.module} {limit}"
             failure.fix = ("use --mode real" if has_data else "use --mode fake" if mode == "meta" and "reads" not in limit
                            else "load real weights to trace it, or trace the layers before it")
-    scripted = {qual: m for qual, m in module_names_to_modules(model, name).items() if isinstance(m, torch.jit.ScriptModule)}
-    for row in recorder.rows:
-        module = scripted.get(row.name)
-        if module is not None:
-            row.cls = class_name(module)
-            if next(module.children(), None) is not None:
-                notes.append(f"{row.name} is TorchScript (scripted or traced): its layers run inside compiled code, "
-                             f"where no hook sees them, so the table shows {row.name} as one call")
-    if model is not user_model:  # the lazy layers' parameters, now that the copy's forward made them
-        made = module_names_to_modules(model, name)
-        for row in recorder.rows:
-            if row.name in made:
-                row.params = own_params(made[row.name])
+    notes += _rows_as_written(recorder, model, name, copied=model is not user_model)
     trace = _result(recorder, failure, name=name, mode=mode, why=why, depth=depth, ops=ops, notes=notes)
     unique = {id(p): p for p in model.parameters()}.values()
     trace.params = sum(p.numel() for p in unique)
     trace.param_bytes = sum(p.numel() * p.element_size() for p in unique)
     return trace
+
+
+def _rows_as_written(recorder: Recorder, model: nn.Module, name: str, *, copied: bool) -> list[str]:
+    """TorchScript rows get the class the user wrote; a copy's lazy layers get the parameters its
+    forward gave them. Returns the notes that say why a scripted module is one row."""
+    modules = module_names_to_modules(model, name)
+    notes = []
+    for row in recorder.rows:
+        module = modules.get(row.name) if row.kind == "module" else None
+        if copied and module is not None:
+            row.params = own_params(module)
+        if isinstance(module, torch.jit.ScriptModule):
+            row.cls = class_name(module)
+            note = (f"{row.name} is TorchScript (scripted or traced): its layers run inside compiled code, where no "
+                    f"hook sees them, so the table shows {row.name} as one call")
+            if next(module.children(), None) is not None and note not in notes:
+                notes.append(note)
+    return notes
 
 
 def _result(recorder: Recorder, failure, *, name, mode, why, depth, ops, notes) -> ShapeTrace:

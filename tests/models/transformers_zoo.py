@@ -13,7 +13,7 @@ import torch  # noqa: E402
 # derives the rest (head_dim from hidden_size and heads, ...) itself.
 TINY = dict(
     hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-    vocab_size=128, max_position_embeddings=64, head_dim=16,
+    vocab_size=128, max_position_embeddings=64, head_dim=16, rotary_dim=8,
     # mixture of experts
     num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_routed_experts=4,
     n_shared_experts=1, shared_expert_intermediate_size=32, topk_group=1, n_group=1, first_k_dense_replace=1,
