@@ -128,13 +128,29 @@ class Shadow:
         validate = torch.distributions.Distribution._validate_args
         torch.distributions.Distribution.set_default_validate_args(False)
         try:
-            with self.mode(), _Kernels(self):
+            with self.mode():
                 if all(state[k] is v for k, v in _named_tensors(model)):
                     return model(*args, **kwargs)  # a model on meta in meta mode: nothing to swap
                 return torch.func.functional_call(model, state, args, kwargs, tie_weights=True, strict=False)
         finally:
             torch.distributions.Distribution.set_default_validate_args(validate)
             log.setLevel(level)
+
+    def run(self, func, args: tuple, kwargs: dict):
+        """One aten op of the forward (the Counter calls it): token ids checked where they are looked
+        up (stand-ins have no values; the user's ids do), the kernels that torch's fake ones refuse,
+        and the last op that raised, so that a failure can be told apart from the model's own."""
+        __tracebackhide__ = True  # noqa: F841
+        if func._overloadpacket in _EMBEDDINGS and len(args) > 1 and id(args[1]) in self.values:
+            with outside_modes():
+                check_ids(self.values[id(args[1])][1], args[0].shape[0])
+        try:
+            kernel = _STAND_IN_KERNELS.get(func)
+            out = kernel(*args, **kwargs) if kernel is not None else None
+            return out if out is not None else func(*args, **kwargs)
+        except Exception as e:
+            self.failed_op = (func, torch.utils._pytree.tree_map(_spec, (args, kwargs)), e)
+            raise
 
     def limit(self, exc: BaseException) -> str:
         """What this mode could not do, when the forward failed for a reason of fake or meta tensors
@@ -217,35 +233,9 @@ def _grouped_mm(a, b, offs=None, bias=None, out_dtype=None):
     return torch.empty(shape, dtype=out_dtype or a.dtype, device=a.device)
 
 
-if TorchDispatchMode is not None:
-    _EMBEDDINGS = {op for op in (getattr(torch.ops.aten, n, None) for n in
-                                 ("embedding", "_embedding_bag", "_embedding_bag_forward_only")) if op is not None}
-    _STAND_IN_KERNELS = {torch.ops.aten._grouped_mm.default: _grouped_mm} if hasattr(torch.ops.aten, "_grouped_mm") else {}
-
-    class _Kernels(TorchDispatchMode):
-        """Inside a fake or meta forward: token ids checked where they are looked up (fake tensors
-        have no values; the user's ids do), kernels that torch's fake ones refuse, and the last op
-        that raised, so that a failure can be told apart from the model's own."""
-
-        def __init__(self, shadow: Shadow):
-            super().__init__()
-            self.shadow = shadow
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            __tracebackhide__ = True  # noqa: F841
-            kwargs = kwargs or {}
-            if func._overloadpacket in _EMBEDDINGS and len(args) > 1 and id(args[1]) in self.shadow.values:
-                with outside_modes():
-                    check_ids(self.shadow.values[id(args[1])][1], args[0].shape[0])
-            try:
-                kernel = _STAND_IN_KERNELS.get(func)
-                out = kernel(*args, **kwargs) if kernel is not None else None
-                return out if out is not None else func(*args, **kwargs)
-            except Exception as e:
-                self.shadow.failed_op = (func, torch.utils._pytree.tree_map(_spec, (args, kwargs)), e)
-                raise
-else:
-    _Kernels = None
+_EMBEDDINGS = {getattr(torch.ops.aten, n) for n in ("embedding", "_embedding_bag", "_embedding_bag_forward_only")
+               if hasattr(torch.ops.aten, n)}
+_STAND_IN_KERNELS = {torch.ops.aten._grouped_mm.default: _grouped_mm} if hasattr(torch.ops.aten, "_grouped_mm") else {}
 
 
 def check_ids(ids: torch.Tensor, num_embeddings: int):
@@ -268,17 +258,20 @@ if TorchDispatchMode is not None:
 
     class Counter(TorchDispatchMode):
         """FLOPs of every aten op by torch's own formulas (torch.utils.flop_counter), so attention is
-        counted, and bytes of the new tensors the forward makes. `on_op(flops, nbytes)` receives them."""
+        counted, and bytes of the new tensors the forward makes. `on_op(flops, nbytes)` receives them.
+        In a fake or meta forward each op runs through the Shadow (one dispatch mode, not two: each
+        costs time on every op)."""
 
-        def __init__(self, on_op):
+        def __init__(self, on_op, shadow: Shadow | None = None):
             super().__init__()
             self.on_op = on_op
+            self.shadow = shadow
             self.ops: dict = {}  # op -> (whether it returns new tensors, not views or in-place results; its formula)
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             __tracebackhide__ = True  # noqa: F841  tracebacks of the user's code do not show this frame
             kwargs = kwargs or {}
-            out = func(*args, **kwargs)
+            out = func(*args, **kwargs) if self.shadow is None else self.shadow.run(func, args, kwargs)
             known = self.ops.get(func)
             if known is None:
                 packet = func._overloadpacket

@@ -271,8 +271,9 @@ class _Ops(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def recording(recorder: Recorder, *, ops: bool = True, count: bool = True):
-    """Global module hooks, the op recorder and the FLOP counter, all removed on exit."""
+def recording(recorder: Recorder, *, ops: bool = True, count: bool = True, shadow: fake.Shadow | None = None):
+    """Global module hooks, the op recorder and the FLOP counter, all removed on exit. In fake or
+    meta mode the counter runs each op through the shadow."""
     handles = []
     try:
         with interrupts_deferred():  # a Ctrl-C between registering and keeping the handle would leave the hook
@@ -281,8 +282,8 @@ def recording(recorder: Recorder, *, ops: bool = True, count: bool = True):
         with contextlib.ExitStack() as modes:
             if ops:
                 modes.enter_context(_Ops(recorder))
-            if count and fake.Counter is not None:
-                modes.enter_context(fake.Counter(recorder.count))
+            if (count or shadow is not None) and fake.Counter is not None:
+                modes.enter_context(fake.Counter(recorder.count if count else lambda flops, nbytes: None, shadow))
             yield recorder
     finally:
         # A Ctrl-C can land on the call that sets up the deferral: then remove again, whole, and let
@@ -401,7 +402,7 @@ def _run(model: nn.Module, values: list, name: str, mode: str, ops: bool) -> tup
                 raise TorchMagicError(f"{mode} mode cannot copy the model or input ({type(e).__name__}: {e}); "
                                       f"use --mode real") from None
         recorder = Recorder(module_names(model, name))
-        with recording(recorder, ops=ops):
+        with recording(recorder, ops=ops, shadow=shadow):
             try:
                 if shadow is not None:
                     shadow.call(model, state, args, kwargs)

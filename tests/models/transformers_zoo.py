@@ -19,6 +19,9 @@ TINY = dict(
     n_shared_experts=1, shared_expert_intermediate_size=32, topk_group=1, n_group=1, first_k_dense_replace=1,
     # latent attention (DeepSeek)
     kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+    # state-space and linear-attention layers (their reference kernels pad to the chunk size)
+    mamba_chunk_size=8, chunk_size=8, mamba_d_state=16, state_size=16, mamba_n_heads=8,
+    linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=4, linear_num_value_heads=4,
     # encoder-decoder families used as decoders, and the GPT-2 spellings
     d_model=64, ffn_dim=128, encoder_ffn_dim=128, decoder_ffn_dim=128, decoder_layers=2, decoder_attention_heads=4,
     encoder_layers=2, encoder_attention_heads=4, num_layers=2, num_heads=4, n_layer=2, n_head=4, n_embd=64,
