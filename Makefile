@@ -20,7 +20,7 @@ demo: $(BIN)/.installed
 # Everything CI runs.
 test: unit zoo frontend-kernel frontend-terminal frontend-browser compat wheel
 
-unit: $(BIN)/.installed
+unit: $(BIN)/.installed $(BIN)/.graphviz-installed
 	$(BIN)/python -m pytest -q tests --ignore=tests/frontend --ignore=tests/models
 
 # Every causal-LM architecture of the pinned transformers (the `zoo` extra), built from a tiny config
@@ -31,6 +31,14 @@ $(BIN)/.zoo-installed: $(BIN)/.installed
 
 zoo: $(BIN)/.zoo-installed
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q tests/models
+
+# Graphviz's dot lays out `%shapes --graph` (Debian's graphviz, installed with apt-get when missing).
+$(BIN)/.graphviz-installed: $(BIN)/.installed
+	@command -v dot >/dev/null || { \
+		sudo=""; [ "$$(id -u)" -eq 0 ] || sudo="sudo"; \
+		$$sudo apt-get update -q && \
+		$$sudo apt-get install -y -q --no-install-recommends graphviz; }
+	touch $@
 
 # Front ends, for real (Debian's chromium and tmux are installed with apt-get when missing): each tier in its own pytest process (Playwright's event loop must not meet
 # the kernel tests). A missing program (tmux, chromium) fails here rather than skipping.
@@ -53,12 +61,12 @@ frontend-terminal: $(BIN)/.frontend-installed
 	$(FRONTEND_PYTEST) tests/frontend/test_terminal.py
 
 # JupyterLab and Notebook 7 in Debian's chromium (apt-get install chromium); screenshots in artifacts/frontend/.
-frontend-browser: $(BIN)/.frontend-installed
-	$(FRONTEND_PYTEST) tests/frontend/test_browser.py
+frontend-browser: $(BIN)/.frontend-installed $(BIN)/.graphviz-installed
+	$(FRONTEND_PYTEST) tests/frontend/test_browser.py tests/frontend/test_browser_graph.py
 
 # The same, rewriting the README's screenshots in docs/images/.
-screenshots: $(BIN)/.frontend-installed
-	TORCHMAGIC_UPDATE_SCREENSHOTS=1 $(FRONTEND_PYTEST) tests/frontend/test_browser.py
+screenshots: $(BIN)/.frontend-installed $(BIN)/.graphviz-installed
+	TORCHMAGIC_UPDATE_SCREENSHOTS=1 $(FRONTEND_PYTEST) tests/frontend/test_browser.py tests/frontend/test_browser_graph.py
 
 # The oldest supported stack, as on Google Colab: Python 3.11, IPython 7.34.0, ipywidgets 7.7.1 and
 # every other declared lower bound (.ci/minimums.py reads them from pyproject.toml), plus Colab's

@@ -9,6 +9,8 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from traitlets.config import Config
 
+from snapshot import young_heap_only  # noqa: F401  (autouse: every test module collects only its own objects)
+
 NET_SOURCE = '''
 import torch
 import torch.nn as nn

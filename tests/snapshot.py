@@ -290,7 +290,7 @@ def collectable(ip, names: list[str], target) -> list[str]:
 
 @pytest.fixture(scope="module", autouse=True)
 def young_heap_only():
-    """Import this fixture into a test module (autouse there): the objects that exist when the
+    """Autouse in every test module (tests/conftest.py imports it): the objects that exist when the
     module starts (torch, IPython, dynamo: some 300,000) move to the collector's permanent
     generation, so that each gc.collect (IPython's reset calls one per shell, `collectable` one
     per check) scans only what the tests made: 0.3 s less per collection. Everything made after,

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from IPython.core.error import UsageError
 
 from conftest import requires_cuda
-from snapshot import diff, snapshot, young_heap_only  # noqa: F401  (an autouse fixture)
+from snapshot import diff, snapshot
 from torchmagic.errors import TorchMagicError
 from torchmagic.parsing import MAX_INPUT_ELEMENTS, looks_like_shape, parse_shape, split_line
 

@@ -18,7 +18,7 @@ import torch
 from IPython.core.error import UsageError
 
 from safety_zoo import MAGICS, PRELUDE, STEP, ZOO, known_gap, matrix_params
-from snapshot import CHECKS, _part, _values, by_check, collectable, diff, snapshot, young_heap_only  # noqa: F401  (an autouse fixture)
+from snapshot import CHECKS, _part, _values, by_check, collectable, diff, snapshot
 
 WEAKREF = "weakref dies"
 OUTCOME = "outcome"  # a result, or the expected refusal as one UsageError line: never another exception

@@ -260,6 +260,9 @@ class TorchMagics(Magics):
                    "memory, any device) or meta (for models built on the meta device)")
     @argument("--ops", action="store_true", help="also show the tensor operations between modules "
                                                  "(view, flatten, cat, matmul, ...) in your forward or cell")
+    @argument("--graph", action="store_true", help="draw the data flow: module calls and shape-changing ops as "
+                                                   "nodes, shapes on the edges, boxes down to --depth, repeated "
+                                                   "blocks folded (SVG in a notebook, a text tree in a terminal)")
     @line_cell_magic
     @usage_errors
     def shapes(self, line, cell=None):
@@ -269,7 +272,8 @@ class TorchMagics(Magics):
             %shapes net 1,1,32,32
             %shapes model tokens            # any tensor, tuple or dict of kwargs in your namespace
             %shapes llama 1,4096 --mode meta
-            t = %shapes net 1,1,32,32       # keep the result: t.rows, t.failure
+            t = %shapes net 1,1,32,32       # keep the result: t.rows, t.failure, t.graph()
+            %shapes net 1,1,32,32 --graph   # the data flow drawn; .save("net.svg") writes it
 
         As a cell magic, every module call the cell makes (the cell runs for real):
 
@@ -286,8 +290,9 @@ class TorchMagics(Magics):
         if args.model is None:  # optional in the parser only for the %%shapes cell form
             raise TorchMagicError("give the model and its input, e.g. %shapes net 1,1,32,32")
         model = self._module(args.model)
-        return tracing.trace_shapes(model, self._inputs(args.inputs), name=args.model, mode=args.mode or self.shape_mode,
-                                    depth=args.depth, ops=args.ops)
+        trace = tracing.trace_shapes(model, self._inputs(args.inputs), name=args.model, mode=args.mode or self.shape_mode,
+                                     depth=args.depth, ops=args.ops, graph=args.graph)
+        return trace.graph(depth=args.depth) if args.graph else trace
 
     def _shapes_cell(self, line, cell):
         """Errors in the cell are the user's: the table of what ran shows first, then the traceback."""
@@ -305,10 +310,11 @@ class TorchMagics(Magics):
         ns = self.shell.user_ns
         trace, error = tracing.trace_cell(lambda: exec(code, ns), lambda: tracing.namespace_names(ns),
                                           ops=args.ops, depth=args.depth)
+        shown = trace.graph(depth=args.depth) if args.graph else trace
         if error is None:
-            return trace
+            return shown
         if trace.rows:
-            display(trace)
+            display(shown)
         raise error.with_traceback(_user_frames(error.__traceback__, filename)) from None
 
     # ------------------------------------------------------------ %summary

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import render
+from .errors import TorchMagicError
 
 
 class Result:
@@ -47,6 +48,15 @@ class ShapeRow:
     status: str = "ok"  # ok | failed (the module that raised) | open (a parent of it)
     flops: int = 0  # of this call, its submodules included
     kind: str = "module"  # module | op (a tensor operation in the user's code, shown with --ops)
+    # The data flow, for the graph. id: this row's place in the trace; parent: the call whose forward
+    # made it (-1: none). sources: each tensor it consumed as (chain, shape, dtype), where chain names
+    # the rows that produced the tensor, outermost first (a block that returned its conv's output:
+    # (block, conv)); (-k,) is the k-th tensor from outside the trace (an input). results: the same for
+    # a module's outputs, as they came from inside it (its own id alone when it made them itself).
+    id: int = -1
+    parent: int = -1
+    sources: list[tuple[tuple[int, ...], str, str]] = field(default_factory=list)
+    results: list[tuple[tuple[int, ...], str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -88,10 +98,21 @@ class ShapeTrace(Result):
     activation_bytes: int = 0  # new tensors the forward made: about what training keeps for backward
     params: int = 0
     param_bytes: int = 0
+    flow: list[ShapeRow] = field(default_factory=list)  # every recorded row (ops and all depths): the graph's
 
     @property
     def ok(self) -> bool:
         return self.failure is None
+
+    def graph(self, depth: int | None = None):
+        """The data flow drawn: module calls and shape-changing ops as nodes, shapes on the edges
+        (SVG in a notebook, a text tree in the terminal; .save("net.svg") writes a file)."""
+        from .graph import build_graph
+
+        if self.rows and not self.flow:
+            raise TorchMagicError(f"{self.model}'s trace skipped the ops between its modules (they cost time on a "
+                                  f"large model): %shapes {self.model} INPUT --graph records them and draws it")
+        return build_graph(self, depth=depth)
 
     def row(self, name: str) -> ShapeRow:
         """The first call of the module with this qualified name."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import weakref
 
 import torch
 from torch import nn
@@ -87,6 +88,15 @@ def class_name(module: nn.Module) -> str:
     return type(module).__name__
 
 
+def _tensor_leaves(value, depth: int = 0):
+    """The tensors inside value, dataclasses (a model's output object) opened too."""
+    for leaf in torch.utils._pytree.tree_leaves(value):
+        if isinstance(leaf, torch.Tensor):
+            yield leaf
+        elif depth < 3 and dataclasses.is_dataclass(leaf) and not isinstance(leaf, type):
+            yield from _tensor_leaves([getattr(leaf, f.name) for f in dataclasses.fields(leaf)], depth + 1)
+
+
 def _has_tensor(value) -> bool:
     return any(isinstance(t, torch.Tensor) for t in torch.utils._pytree.tree_leaves(value))
 
@@ -144,6 +154,42 @@ class Recorder:
         # The row of a call that just returned to our global hook while the module's own forward
         # hooks (run after the global ones) are still to come: an error now is raised in them.
         self.hooks_pending: int | None = None
+        # The data flow: id(tensor) -> (a weak reference to it, the chain of rows that produced it).
+        # Ids are reused once a tensor dies: the reference tells a live entry from a stale one.
+        self.made: dict[int, tuple[weakref.ref, tuple[int, ...]]] = {}
+        self.outside = 0  # tensors from outside the trace seen so far (the inputs)
+        self.with_ops = False  # the op recorder ran: the flow between modules is whole
+
+    def _chain(self, t: torch.Tensor, outer: bool) -> tuple[int, ...] | None:
+        """The rows that produced t; a tensor from outside becomes an input when `outer` (it reaches a
+        top-level call, or the model's own call), else None (a parameter, a buffer, a constant)."""
+        entry = self.made.get(id(t))
+        if entry is not None and entry[0]() is t:
+            return entry[1]
+        if not outer:
+            return None
+        self.outside += 1
+        chain = (-self.outside,)
+        self._made(t, chain)
+        return chain
+
+    def _made(self, t: torch.Tensor, chain: tuple[int, ...]):
+        try:
+            self.made[id(t)] = (weakref.ref(t), chain)
+        except TypeError:  # a tensor subclass without weak references: its flow is not drawn
+            pass
+
+    def _sources(self, value, outer: bool) -> list[tuple[tuple[int, ...], str, str]]:
+        out = []
+        for t in _tensor_leaves(value):
+            chain = self._chain(t, outer)
+            if chain is not None:
+                out.append((chain, format_shape(t.shape), str(t.dtype).removeprefix("torch.")))
+        return out
+
+    def mark_inputs(self, args: tuple, kwargs: dict):
+        """The model call's own tensors are the graph's inputs (kwargs too, which pre hooks do not see)."""
+        self._sources((args, kwargs), outer=True)
 
     def _name(self, module) -> str:
         return self.names.get(id(module), type(module).__name__)
@@ -154,7 +200,9 @@ class Recorder:
         try:
             row = ShapeRow(name=self._name(module), cls=type(module).__name__, depth=len(self.stack),
                            inputs=describe_call(args, {}), outputs="", dtype=first_dtype(args),
-                           params=own_params(module), status="open")
+                           params=own_params(module), status="open", id=len(self.rows),
+                           parent=self.stack[-1][1] if self.stack else -1,
+                           sources=self._sources(args, outer=not self.stack))
             self.stack.append((module, len(self.rows), args))
             self.rows.append(row)
             self.row_modules.append(module)
@@ -173,12 +221,23 @@ class Recorder:
                     row.inputs = describe_call(args, kwargs)
                     row.outputs, row.status = describe(output), "ok"
                     row.dtype = first_dtype(output) or row.dtype
+                    row.sources += self._sources(kwargs, outer=not self.stack)
+                    self._returned(row, output)
                     if module._forward_hooks:
                         self.hooks_pending = index
                     break
                 self.rows[index].status = "failed"
         finally:
             self.busy = False
+
+    def _returned(self, row: ShapeRow, output):
+        """A module's outputs are now its own; one made inside it (a later row) keeps that row's chain
+        behind the module's id, so the graph can draw the module closed or opened."""
+        for t in _tensor_leaves(output):
+            inner = self._chain(t, outer=False)
+            inner = inner if inner is not None and inner[0] > row.id else (row.id,)
+            row.results.append((inner, format_shape(t.shape), str(t.dtype).removeprefix("torch.")))
+            self._made(t, (row.id,) + inner if inner[0] != row.id else inner)
 
     def op(self, func, args, kwargs, out, failed: bool):
         if self.busy or not self._in_user_code():
@@ -193,12 +252,16 @@ class Recorder:
         self.hooks_pending = None
         self.busy = True
         try:
-            self.rows.append(ShapeRow(
+            row = ShapeRow(
                 name=name.strip("_"), cls="op", depth=len(self.stack),
                 inputs=describe_call(args, {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}),
                 outputs="" if failed else describe(out), dtype=first_dtype(out) or first_dtype(args), params=0,
-                status="failed" if failed else "ok", kind="op"))
+                status="failed" if failed else "ok", kind="op", id=len(self.rows),
+                parent=self.stack[-1][1] if self.stack else -1, sources=self._sources((args, kwargs), not self.stack))
+            self.rows.append(row)
             self.row_modules.append(None)
+            for t in _tensor_leaves(out):
+                self._made(t, (row.id,))
         finally:
             self.busy = False
 
@@ -251,12 +314,14 @@ class Recorder:
         self.rename()
         self.stack.clear()
         self.row_modules.clear()
+        self.made = {}
 
 
 class _Ops(TorchFunctionMode):
     def __init__(self, recorder: Recorder):
         super().__init__()
         self.recorder = recorder
+        recorder.with_ops = True
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         __tracebackhide__ = True  # noqa: F841  tracebacks of the user's code do not show this frame
@@ -404,6 +469,7 @@ def _run(model: nn.Module, values: list, name: str, mode: str, ops: bool) -> tup
         recorder = Recorder(module_names(model, name))
         with recording(recorder, ops=ops, shadow=shadow):
             try:
+                recorder.mark_inputs(args, kwargs)
                 if shadow is not None:
                     shadow.call(model, state, args, kwargs)
                 else:
@@ -430,7 +496,7 @@ def _affordable(model: nn.Module, values: list) -> bool:
 
 
 def trace_shapes(model: nn.Module, values: list, *, name: str, mode: str = "auto", depth: int | None = None,
-                 ops: bool = False) -> ShapeTrace:
+                 ops: bool = False, graph: bool = False) -> ShapeTrace:
     """One forward pass under no_grad; the model, its buffers and the RNG are left as they were.
     values: the magic's inputs (ShapeSpecs and objects), turned into the call in the chosen mode."""
     if mode not in MODES:
@@ -456,9 +522,13 @@ def trace_shapes(model: nn.Module, values: list, *, name: str, mode: str = "auto
                        if any(is_lazy(t) for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)])})
         notes.append(f"{name} has uninitialized lazy layers ({', '.join(lazy)}): traced a copy, whose first forward "
                      f"gave them the shapes shown; {name} itself stays uninitialized")
-    recorder, failure, limit = _run(model, values, name, mode, ops)
-    if failure is not None and not ops and not limit:
-        # Again with the op recorder (it costs time): the explanation names the view or flatten that made the input.
+    # The op recorder costs time (a tenth to a quarter more on large models): it runs for --ops, for
+    # the graph (the ops between modules are part of the flow), and for small models, whose kept result
+    # can then draw its graph too.
+    record = ops or graph or sum(p.numel() for p in model.parameters() if not is_lazy(p)) <= REAL_LIMIT
+    recorder, failure, limit = _run(model, values, name, mode, record)
+    if failure is not None and not record and not limit:
+        # Again with the op recorder: the explanation names the view or flatten that made the input.
         recorder, failure, limit = _run(model, values, name, mode, True)
     if limit:
         if why != "asked for" and _affordable(model, values):
@@ -504,7 +574,7 @@ def _result(recorder: Recorder, failure, *, name, mode, why, depth, ops, notes) 
         rows, hidden = shown, len(rows) - len(shown)
     return ShapeTrace(model=name, rows=rows, mode=mode, why=why, failure=failure, hidden=hidden, notes=notes,
                       flops=recorder.flops if fake.Counter is not None else None,
-                      activation_bytes=recorder.activation_bytes)
+                      activation_bytes=recorder.activation_bytes, flow=recorder.rows if recorder.with_ops else [])
 
 
 # ---------------------------------------------------------------- %%shapes
