@@ -188,7 +188,7 @@ def _spec(value):
     return torch.device("cpu") if isinstance(value, torch.device) else value
 
 
-_CHECK_LIMIT = 1 << 24  # elements: a failed op is tried for real only up to this size (64 MB of float32)
+_CHECK_LIMIT = 1 << 22  # input elements: a failed op is tried for real only up to this size (16 MB of float32)
 
 
 def _runs_for_real(op, specs) -> bool:

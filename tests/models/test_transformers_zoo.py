@@ -21,6 +21,7 @@ from transformers_zoo import architectures, build, token_ids  # noqa: E402
 CHECKS = ("shapes", "fake", "summary", "unchanged", "trainstep")
 # arch -> "no forward: why" or {check: "" (passed) or what went wrong}; read by report().
 RESULTS: dict[str, object] = {}
+FAKE: dict[str, str] = {}  # arch -> "traced" or "reads values" (--mode fake said so in one line)
 STARTED = time.perf_counter()
 
 
@@ -41,14 +42,16 @@ def _shapes(shell, logits: str) -> str:
     return "" if logits in trace.rows[0].outputs else f"no logits {logits} in {trace.rows[0].outputs[:120]}"
 
 
-def _fake(shell, logits: str) -> str:
+def _fake(shell, arch: str, logits: str) -> str:
     trace, error = _run(shell, "%shapes m ids --mode fake")
     if error is not None:
         return f"{type(error).__name__}: {error}"
     f = trace.failure
     if f is None:
+        FAKE[arch] = "traced"
         return "" if logits in trace.rows[0].outputs else f"no logits {logits} in {trace.rows[0].outputs[:120]}"
     if "reads tensor values" in f.explanation and f.fix == "use --mode real":
+        FAKE[arch] = "reads values"
         return ""
     return f"failed in {f.module}: {f.error} / {f.explanation} / {f.fix}"
 
@@ -85,7 +88,7 @@ def test_architecture(shell, arch):
         pytest.skip(RESULTS[arch])
     shell.ns.update(m=model, ids=ids, opt=torch.optim.SGD(model.parameters(), lr=1e-3))
     before = snapshot(model)
-    outcome = {"shapes": _shapes(shell, logits), "fake": _fake(shell, logits), "summary": _summary(shell, model)}
+    outcome = {"shapes": _shapes(shell, logits), "fake": _fake(shell, arch, logits), "summary": _summary(shell, model)}
     changed = [c for c in diff(before, snapshot(model)) if not c.startswith(("grads", "attributes"))]
     outcome["unchanged"] = ", ".join(changed[:4])
     outcome["trainstep"] = _trainstep(shell, model)
@@ -109,6 +112,10 @@ def report() -> list[str]:
                          + "".join(f"\n      {k}: {v[:200]}" for k, v in bad.items()))
     import transformers
 
+    per_check = ", ".join(f"{c} {sum(not r[c] for r in ran.values())}/{len(ran)}" for c in CHECKS)
+    fake = list(FAKE.values())
+    lines.append(f"per check: {per_check} (fake mode traced {fake.count('traced')}, said 'reads tensor values, "
+                 f"use --mode real' for {fake.count('reads values')})")
     lines.append(f"transformers {transformers.__version__}: {len(RESULTS)} architectures tried, {len(ran)} whose "
                  f"forward runs, {len(passed)} passed ({100 * len(passed) / max(len(ran), 1):.0f}%) "
                  f"in {time.perf_counter() - STARTED:.0f} s")
