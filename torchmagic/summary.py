@@ -23,7 +23,7 @@ def _torchinfo_layers(model: nn.Module) -> list[tuple[nn.Module, int]]:
         return [(m, qual.count(".") + 1 if qual else 0) for qual, m in model.named_modules()]
 
 
-def _calls(model: nn.Module, values: list, name: str) -> tuple[dict[int, list[str]], ShapeTrace]:
+def _calls(model: nn.Module, values: list, name: str) -> tuple[dict[int, list[tuple[str, int]]], ShapeTrace]:
     """Each module's outputs, one per call, from %shapes' own trace (fake or meta where a real forward
     would cost, so no compute; never torchinfo's forward, which writes the running stats of an eval
     BatchNorm, passes a dict input as its own keyword arguments and fails on dataclass outputs)."""

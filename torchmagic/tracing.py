@@ -537,7 +537,8 @@ def trace_shapes(model: nn.Module, values: list, *, name: str, mode: str = "auto
             recorder, failure, limit = _run(model, values, name, "real", True)
         else:  # say what this mode could not do; an explanation of the model's would blame it wrongly
             has_data = all(fake.has_data(t) for t in _tensors(model))
-            failure.explanation = f"{failure.module} {limit}"
+            who = failure.within.split(" (")[0] if failure.cls == "op" and failure.within else failure.module
+            failure.explanation = f"{who} {limit}"
             failure.fix = ("use --mode real" if has_data else "use --mode fake" if mode == "meta" and "reads" not in limit
                            else "load real weights to trace it, or trace the layers before it")
     notes += _rows_as_written(recorder, model, name, copied=model is not user_model)
