@@ -108,7 +108,8 @@ def report() -> list[str]:
             lines.append(f"  {arch:28} -  {r}")
         else:
             bad = {k: v for k, v in r.items() if v}
-            lines.append(f"  {arch:28} {'ok' if not bad else 'FAIL'}"
+            fake = " (--mode fake: reads tensor values, use --mode real)" if FAKE.get(arch) == "reads values" else ""
+            lines.append(f"  {arch:28} {'ok' + fake if not bad else 'FAIL'}"
                          + "".join(f"\n      {k}: {v[:200]}" for k, v in bad.items()))
     import transformers
 
