@@ -19,16 +19,21 @@ def _matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, p + ".*") for p in patterns)
 
 
+def _names_by_tensor(model: nn.Module) -> dict[int, list[str]]:
+    """id of each parameter -> every name it has (a tied weight has several)."""
+    names: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    return names
+
+
 def select(model: nn.Module, patterns: list[str], exclude: list[str] = ()) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) for every parameter matched (all of them without patterns), tied ones once.
     A tied weight answers to each of its names (lm_head.weight is transformer.wte.weight in GPT-2), so a
     module whose parameters are all shared is selectable by its own name; excluding any of its names
     leaves the one tensor alone."""
-    names: dict[int, list[str]] = {}
-    params: dict[int, nn.Parameter] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(n)
-        params[id(p)] = p
+    names = _names_by_tensor(model)
+    params = {id(p): p for p in model.parameters()}
     every = [n for ns in names.values() for n in ns]
     for pattern in list(patterns) + list(exclude):
         if not any(_matches(n, [pattern]) for n in every):
@@ -45,11 +50,8 @@ def select(model: nn.Module, patterns: list[str], exclude: list[str] = ()) -> li
 
 def tied_notes(model: nn.Module, patterns: list[str], exclude: list[str] = ()) -> list[str]:
     """One line per weight that several names share and that a pattern names: the same tensor under each."""
-    names: dict[int, list[str]] = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(n)
     notes = []
-    for ns in names.values():
+    for ns in _names_by_tensor(model).values():
         named = [n for n in ns if _matches(n, list(patterns) + list(exclude))]
         if len(ns) > 1 and named:
             others = [n for n in ns if n != named[0]]
