@@ -336,7 +336,7 @@ class _Ops(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def recording(recorder: Recorder, *, ops: bool = True, count: bool = True, shadow: fake.Shadow | None = None):
+def recording(recorder: Recorder, *, ops: bool = True, shadow: fake.Shadow | None = None):
     """Global module hooks, the op recorder and the FLOP counter, all removed on exit. In fake or
     meta mode the counter runs each op through the shadow."""
     handles = []
@@ -347,8 +347,8 @@ def recording(recorder: Recorder, *, ops: bool = True, count: bool = True, shado
         with contextlib.ExitStack() as modes:
             if ops:
                 modes.enter_context(_Ops(recorder))
-            if (count or shadow is not None) and fake.Counter is not None:
-                modes.enter_context(fake.Counter(recorder.count if count else lambda flops, nbytes: None, shadow))
+            if fake.Counter is not None:
+                modes.enter_context(fake.Counter(recorder.count, shadow))
             yield recorder
     finally:
         # A Ctrl-C can land on the call that sets up the deferral: then remove again, whole, and let
