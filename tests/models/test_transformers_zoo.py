@@ -82,8 +82,9 @@ def test_architecture(shell, arch):
     try:
         model, config = build(arch)
         ids = token_ids(config)
-        with torch.no_grad():
+        with torch.no_grad():  # the model's own forward, and the one with a loss that %%trainstep runs
             logits = format_shape(model(ids).logits.shape)
+            model(ids, labels=ids).loss.item()
     except Exception as e:
         RESULTS[arch] = f"no forward: {type(e).__name__}: {str(e).strip().splitlines()[0][:100] if str(e).strip() else ''}"
         pytest.skip(RESULTS[arch])

@@ -43,22 +43,41 @@ def architectures() -> dict[str, str]:
 def tiny_config(arch: str):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    config_class = CONFIG_MAPPING[arch]
-    default = config_class()
-    known = set(default.to_dict()) | set(getattr(default, "attribute_map", {}))
+    return _tiny(CONFIG_MAPPING[arch])
+
+
+def _sizes(config) -> dict:
+    """The TINY fields this config has, and its sub-configs (a multimodal model's text and vision
+    towers) as tiny dicts of their own."""
+    known = set(config.to_dict()) | set(getattr(config, "attribute_map", {}))
     sizes = {k: v for k, v in TINY.items() if k in known}
     if "kv_lora_rank" in known:  # latent attention expands keys to every head: no grouped-query heads
         sizes["num_key_value_heads"] = TINY["num_attention_heads"]
+    for key, sub in vars(config).items():
+        if key.endswith("_config") and hasattr(sub, "to_dict"):
+            sizes[key] = {**sub.to_dict(), **_sizes(sub)}
+    return sizes
+
+
+def _tiny(config_class):
+    default = config_class()
     try:
-        return config_class(**sizes)
-    except Exception:  # a validator refuses the combination: set the fields one by one on the default
-        for k, v in TINY.items():
-            if k in known:
-                try:
-                    setattr(default, k, v)
-                except Exception:
-                    pass
+        return config_class(**_sizes(default))
+    except Exception:  # a validator refuses the combination: set the fields one by one
+        _shrink(default)
         return default
+
+
+def _shrink(config):
+    for k, v in TINY.items():
+        if hasattr(config, k):
+            try:
+                setattr(config, k, v)
+            except Exception:
+                pass
+    for key, sub in vars(config).items():
+        if key.endswith("_config") and hasattr(sub, "to_dict"):
+            _shrink(sub)
 
 
 def build(arch: str):
@@ -67,6 +86,8 @@ def build(arch: str):
 
     config = tiny_config(arch)
     model_class = getattr(transformers, architectures()[arch])
+    if not isinstance(config, model_class.config_class):  # a text-only class registered for a multimodal config
+        config = config.get_text_config()
     with torch.device("meta"):  # count first: a config that stays huge must not allocate gigabytes
         size = sum(p.numel() for p in model_class(config).parameters())
     if size > MAX_PARAMS:
@@ -76,5 +97,5 @@ def build(arch: str):
 
 
 def token_ids(config) -> torch.Tensor:
-    vocab = getattr(config, "vocab_size", None) or 128
+    vocab = getattr(config.get_text_config(), "vocab_size", None) or 128
     return torch.randint(3, min(vocab, 128), (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
