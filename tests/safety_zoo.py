@@ -193,6 +193,8 @@ MAGICS = [
     MagicCase("trainstep_sweep", "%%trainstep model opt --sweep 1e-4:1e-1\n{loss}", restores_in_place=True),
     MagicCase("memory", "%memory"),
     MagicCase("memory_on", "%memory on"),
+    MagicCase("memory_plan", "%memory plan model {input}"),
+    MagicCase("memory_plan_cell", "%%trainstep model opt --plan\n{loss}"),
 ]
 
 

@@ -122,6 +122,28 @@ MISTAKES = [
     ("step-not-scalar", STEP + "net(input) - y", "not a single number"),
     ("step-detached", STEP + LOSS + ".detach()", "does not require grad"),
     ("step-no-grad", STEP + "with torch.no_grad():\n    loss = " + LOSS + "\nloss", "does not require grad"),
+    # %memory plan and %%trainstep --plan
+    ("plan-nothing", "%memory plan", "give the model and its input"),
+    ("plan-no-input", "%memory plan net", "give an input after the model"),
+    ("plan-unknown-optimizer", "%memory plan net 8,1,32,32 --optimizer adamx", "--optimizer adamx: not adamw, adam or sgd"),
+    ("plan-model-as-optimizer", "%memory plan net 8,1,32,32 --optimizer net", "is Net, not an optimizer"),
+    ("plan-foreign-optimizer", "%memory plan net 8,1,32,32 --optimizer other", "holds none of the model's trainable"),
+    ("plan-lbfgs", "%memory plan net 8,1,32,32 --optimizer torch.optim.LBFGS(net.parameters())", "LBFGS steps with a closure"),
+    ("plan-budget-not-a-size", "%memory plan net 8,1,32,32 --budget 24gigs", "--budget 24gigs is not a size"),
+    ("plan-budget-zero", "%memory plan net 8,1,32,32 --budget 0GB", "--budget 0GB is not a size"),
+    ("plan-dtype-int", "%memory plan net 8,1,32,32 --dtype int8", "--dtype int8: give float32, bfloat16 or float16"),
+    ("plan-amp-unknown", "%memory plan net 8,1,32,32 --amp fp8", "invalid choice: 'fp8'"),
+    ("plan-device-unknown", "%memory plan net 8,1,32,32 --device tpu", "--device tpu"),
+    pytest.param("plan-device-cuda", "%memory plan net 8,1,32,32 --device cuda", "no CUDA device here", marks=CPU_ONLY),
+    ("plan-devices-without-shard", "%memory plan net 8,1,32,32 --devices 4", "--shard ddp, fsdp or zero2"),
+    ("plan-shard-without-devices", "%memory plan net 8,1,32,32 --shard fsdp", "give how many"),
+    ("plan-nothing-to-checkpoint", "%memory plan net 8,1,32,32 --checkpointing", "no repeated blocks"),
+    ("plan-forward-fails", "%memory plan net 8,1,28,28", "net's forward failed on fake tensors: RuntimeError:"),
+    ("plan-option-elsewhere", "%memory on --budget 3GB", "--budget is for %memory plan MODEL INPUT: use it there"),
+    ("step-plan-with-lr", "%%trainstep net optimizer --plan --lr 0.1\n" + LOSS, "--plan takes no --lr"),
+    ("step-budget-without-plan", "%%trainstep net optimizer --budget 1GB\n" + LOSS, "--budget goes with --plan"),
+    ("step-plan-reads-values", "%%trainstep net optimizer --plan\nloss = " + LOSS + "\nprint(loss.item())\nloss",
+     "the cell reads a tensor's values"),
 ]
 
 # Names the cell's own statements bind before the mistake can be seen (the body has to run to

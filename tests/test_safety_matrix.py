@@ -254,6 +254,7 @@ def test_each_check_catches_its_violation(shell, column):
     "%summary model 2,3,8,8",
     "%device",
     "%device cpu model",
+    "%memory plan model 2,3,8,8",
 ])
 def test_pending_backward_survives(shell, magic):
     """The user ran a forward (BatchNorm in eval mode saves its running stats for backward), looks

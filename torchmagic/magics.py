@@ -18,7 +18,7 @@ from IPython.display import display
 from torch import nn
 from traitlets import Bool, Enum, Int
 
-from . import devices, finetune, memory, summary, tracing, training, ui
+from . import devices, finetune, memory, plan, summary, tracing, training, ui
 from .compat import running_cell_number
 from .errors import TorchMagicError
 from .inputs import ShapeSpec
@@ -155,24 +155,55 @@ class TorchMagics(Magics):
     # ------------------------------------------------------------ %memory
 
     @magic_arguments()
-    @argument("action", nargs="?", choices=["on", "off", "release", "clear"],
+    @argument("action", nargs="?", choices=["on", "off", "release", "clear", "plan"],
               help="on: a line after each cell; off: stop; release: free what the last error keeps alive; "
-                   "clear: forget the history. Without it: the history.")
+                   "clear: forget the history; plan MODEL INPUT: plan a training step's memory. "
+                   "Without it: the history.")
+    @argument("plan_args", nargs="*", metavar="MODEL INPUT", help="for plan: the model, and its input as a shape "
+                                                                 "(64,3,32,32) or an expression")
+    @argument("--optimizer", default=None, metavar="NAME", help="plan: adamw (default), adam, sgd, or your optimizer's "
+                                                               "name (its class, param groups and settings)")
+    @argument("--dtype", default=None, help="plan: the parameters' dtype, float32, bfloat16 or float16 (default: the model's)")
+    @argument("--amp", default=None, choices=list(plan.AMP), help="plan: the forward under autocast in bf16 or fp16")
+    @argument("--device", default=None, help="plan: for this device (cuda, cuda:N, cpu); its total memory is the budget")
+    @argument("--budget", default=None, help="plan: the memory to fit in, e.g. 24GB (GB: 2**30 bytes); says whether the "
+                                             "step fits and the largest batch that does")
+    @argument("--checkpointing", action="store_true", help="plan: activation checkpointing of the repeated blocks")
+    @argument("--devices", type=int, default=1, metavar="N", help="plan: per device, on N devices (with --shard)")
+    @argument("--shard", default=None, choices=list(plan.SHARDS), help="plan: ddp (replicated), fsdp or zero2 (sharded)")
     @line_magic
     @usage_errors
     def memory(self, line):
-        """Memory per cell: what each cell left allocated and its peak (CUDA, MPS, and the process's RSS).
+        """Memory per cell: what each cell left allocated and its peak (CUDA, MPS, and the process's RSS);
+        and, before training, a plan of a training step's memory on fake tensors.
 
             %memory on        # after each cell that changed memory: change, now, peak
             %memory           # the history as a table (a small chart in a notebook)
             %memory release   # free the tensors a failed cell's traceback keeps alive
             %memory off       # stop (%memory clear forgets the history)
 
+            %memory plan net 64,1,32,32                                # where a step's memory goes, its peak
+            %memory plan llama 1,2048 --dtype bfloat16 --budget 80GB   # fits? the largest batch that does
+            %memory plan llama 1,4096 --dtype bfloat16 --devices 64 --shard fsdp --budget 80GB
+
         Cells that change memory by less than TorchMagics.memory_min_change (1 MB) show nothing
         but are kept in the history. With CUDA, the peak counter (torch.cuda.max_memory_allocated)
         is reset at each cell's start. After %memory release, %debug has nothing to inspect.
+        A plan computes nothing and allocates no activation; the model, optimizer and RNG stay as
+        they were. %%trainstep MODEL OPT --plan plans your own cell.
         """
-        action = self._parse(self.memory, line).action
+        args = self._parse(self.memory, line)
+        action = args.action
+        if action == "plan":
+            return self._memory_plan(args)
+        given = [o for o, v in (("--optimizer", args.optimizer), ("--dtype", args.dtype), ("--amp", args.amp),
+                                ("--device", args.device), ("--budget", args.budget), ("--shard", args.shard),
+                                ("--checkpointing", args.checkpointing), ("--devices", args.devices != 1)) if v]
+        if args.plan_args:  # as argparse says it when there is no place for them
+            raise TorchMagicError(f"%memory: unrecognized arguments: {' '.join(args.plan_args)}; see %memory? for usage")
+        if given:
+            raise TorchMagicError(f"%memory: {given[0]} is for %memory plan MODEL INPUT: use it there; "
+                                  f"see %memory? for usage")
         if action == "on":
             return self._memory_start()
         if action == "off":
@@ -185,6 +216,22 @@ class TorchMagics(Magics):
         if action == "release":
             return self._memory_release()
         return self._memory_report()
+
+    def _memory_plan(self, args):
+        if not args.plan_args:
+            raise TorchMagicError("give the model and its input, e.g. %memory plan net 64,1,32,32")
+        model = self._module(args.plan_args[0])
+        name = args.optimizer or "adamw"
+        optimizer = None
+        if name.lower() not in plan.OPTIMIZERS:
+            if name.isidentifier() and name not in self.shell.user_ns:
+                raise TorchMagicError(f"--optimizer {name}: not adamw, adam or sgd, and no such name in your namespace: "
+                                      f"give one of those or the name of your optimizer")
+            optimizer = self._eval(name)
+        return plan.plan_memory(model, self._inputs(args.plan_args[1:]), name=args.plan_args[0], optimizer=optimizer,
+                                optimizer_name=name, dtype=args.dtype, amp=args.amp, device=args.device,
+                                budget=args.budget, checkpointing=args.checkpointing, devices=args.devices,
+                                shard=args.shard)
 
     def _memory_start(self):
         if self._meter is not None:
@@ -353,6 +400,9 @@ class TorchMagics(Magics):
                                                            "nothing is changed")
     @argument("--points", type=int, default=None, metavar="K", help="how many rates --sweep tries (default: 3 per decade)")
     @argument("--no-widget", action="store_true", help="text result only, also in a notebook")
+    @argument("--plan", action="store_true", help="plan the step's memory instead: the cell runs on fake tensors "
+                                                  "(your loss, autocast and optimizer); nothing is changed")
+    @argument("--budget", default=None, help="with --plan: the memory to fit in, e.g. 24GB")
     @cell_magic
     @usage_errors
     def trainstep(self, line, cell):
@@ -373,6 +423,10 @@ class TorchMagics(Magics):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TorchMagicError(f"{args.optimizer!r} is {_a(type(optimizer).__name__)}, not a torch.optim.Optimizer: "
                                   f"give %%trainstep MODEL OPTIMIZER, e.g. %%trainstep net optimizer")
+        if args.plan:
+            return self._trainstep_plan(args, model, optimizer, cell)
+        if args.budget is not None:
+            raise TorchMagicError("--budget goes with --plan: use %%trainstep MODEL OPT --plan --budget 24GB")
         lrs = _parse_rates(args.lr, "--lr", "--lr 0.01") if args.lr is not None else None
         if args.steps < 1:
             raise TorchMagicError(f"--steps {args.steps}: give a number of steps of at least 1, e.g. --steps 10")
@@ -395,6 +449,27 @@ class TorchMagics(Magics):
         else:
             result = call(session.step, lrs, args.eval)
         return ui.TrainStepPanel(session, self.shell, result, call) if widget else result
+
+    def _trainstep_plan(self, args, model, optimizer, cell):
+        """The cell runs in a copy of the namespace in which the optimizer's name is its stand-in."""
+        __tracebackhide__ = True  # noqa: F841
+        if args.lr is not None or args.steps != 1 or args.eval or args.sweep is not None:
+            raise TorchMagicError("--plan takes no --lr, --steps, --eval or --sweep: it plans one step of the cell; "
+                                  "give --plan alone, or with --budget")
+        if not args.optimizer.isidentifier():
+            raise TorchMagicError(f"--plan binds the optimizer's name to a stand-in while the cell runs: give it by "
+                                  f"name, e.g. opt = {args.optimizer} first, then %%trainstep {args.model} opt --plan")
+        body, aside = self._loss_body(cell)
+        head, tail, ns = aside.args
+        cell_ns = {}  # kept until the planned step ends: the cell's variables live through backward, as they do
+
+        def run(stand_in):
+            cell_ns.update(ns)
+            cell_ns[args.optimizer] = stand_in
+            return _run_body(head, tail, cell_ns)
+
+        planned = functools.partial(plan.plan_cell, name=args.model, budget=args.budget)
+        return _user_call(body.filename, planned, model, optimizer, run)
 
     def _sweep_rates(self, args) -> list[float]:
         if args.lr is not None or args.steps != 1 or args.eval:
