@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0+cpu
 BIN := $(VENV)/bin
 
-.PHONY: demo test unit compat wheel clean frontend frontend-kernel frontend-terminal frontend-browser screenshots gpu-wheels gpu-wheels-check
+.PHONY: demo test unit zoo compat wheel clean frontend frontend-kernel frontend-terminal frontend-browser screenshots gpu-wheels gpu-wheels-check
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,10 +18,19 @@ demo: $(BIN)/.installed
 	$(BIN)/ipython --simple-prompt --no-banner --no-confirm-exit --colors=nocolor < examples/pytorch_basics.ipy
 
 # Everything CI runs.
-test: unit frontend-kernel frontend-terminal frontend-browser compat wheel
+test: unit zoo frontend-kernel frontend-terminal frontend-browser compat wheel
 
 unit: $(BIN)/.installed $(BIN)/.graphviz-installed
-	$(BIN)/python -m pytest -q tests --ignore=tests/frontend
+	$(BIN)/python -m pytest -q tests --ignore=tests/frontend --ignore=tests/models
+
+# Every causal-LM architecture of the pinned transformers (the `zoo` extra), built from a tiny config
+# with random weights, offline, through the magics; prints the pass table.
+$(BIN)/.zoo-installed: $(BIN)/.installed
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[test,zoo]"
+	touch $@
+
+zoo: $(BIN)/.zoo-installed
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q tests/models
 
 # Graphviz's dot lays out `%shapes --graph` (Debian's graphviz, installed with apt-get when missing).
 $(BIN)/.graphviz-installed: $(BIN)/.installed
@@ -76,7 +85,7 @@ $(CBIN)/.installed: pyproject.toml .ci/minimums.py
 	touch $@
 
 compat: $(CBIN)/.installed
-	$(CBIN)/python -m pytest -q tests --ignore=tests/frontend
+	$(CBIN)/python -m pytest -q tests --ignore=tests/frontend --ignore=tests/models
 
 # The package as a user gets it: wheel and sdist built, the wheel installed into a fresh venv with
 # nothing but its declared dependencies, then a smoke test in the real `ipython` program.

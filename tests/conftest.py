@@ -126,7 +126,7 @@ def pytest_terminal_summary(terminalreporter):
     """The state-safety matrix and the Ctrl-C sweep, when they ran."""
     import sys
 
-    for name in ("test_safety_matrix", "test_faults"):
+    for name in ("test_safety_matrix", "test_faults", "test_transformers_zoo"):
         module = sys.modules.get(name)
         for line in module.report() if module is not None else []:
             terminalreporter.write_line(line)

@@ -16,7 +16,8 @@ import pytest
 import torch
 from torch.nn.modules import module as nn_module
 
-_GLOBAL_HOOK_DICTS = [name for name in dir(nn_module) if name.startswith("_global_") and name.endswith("hooks")]
+# Every global dict of torch.nn.modules.module: the hooks and their flags (with_kwargs, always_call).
+_GLOBAL_HOOK_DICTS = [name for name in dir(nn_module) if name.startswith("_global_") and isinstance(getattr(nn_module, name), dict)]
 
 
 def _module_hook_dicts(m: torch.nn.Module) -> list[str]:
@@ -28,6 +29,8 @@ def _tensor(t):
     """(identity, shape, dtype, device, values); meta and fake tensors have no values."""
     if t is None:
         return None
+    if torch.nn.parameter.is_lazy(t):  # a lazy layer's parameter before its first forward: no shape yet
+        return (id(t), type(t).__name__)
     if t.device.type == "meta" or isinstance(t, torch._subclasses.FakeTensor):
         return (id(t), tuple(t.shape), t.dtype, t.device.type)
     return (id(t), tuple(t.shape), t.dtype, str(t.device), t.detach().clone().cpu())
@@ -81,6 +84,7 @@ def torch_globals() -> dict:
         "num_threads": torch.get_num_threads(),
         "matmul_precision": torch.get_float32_matmul_precision(),
         "full_backward_hook_flag": nn_module._global_is_full_backward_hook,
+        "distributions_validate_args": torch.distributions.Distribution._validate_args,
     }
     if torch.cuda.is_available():
         state["autocast_cuda"] = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))

@@ -291,3 +291,129 @@ def llama_params(vocab=32000, d=4096, layers=32, ffn=11008) -> int:
     return vocab * d * 2 + layers * (4 * d * d + 3 * d * ffn + 2 * d) + d
 
 
+
+
+# ---------------------------------------------------------------- models other tools stumble on (torchinfo's
+# failing cases among them) and the families of layers a real-world model brings
+
+
+def lazy_mlp() -> nn.Module:
+    """Uninitialized until its first forward: in_features comes from the input."""
+    return nn.Sequential(nn.LazyLinear(8), nn.ReLU(), nn.LazyLinear(2))
+
+
+def lazy_cnn() -> nn.Module:
+    return nn.Sequential(nn.LazyConv2d(4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+
+
+class PartlyScripted(nn.Module):
+    """A scripted layer inside a plain module (torchinfo's PartialJITModel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.jit.script(nn.Linear(8, 16))
+        self.fc2 = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def pruned_mlp() -> nn.Module:
+    """torch.nn.utils.prune: fc.weight becomes weight_orig (the parameter) times weight_mask (a buffer)."""
+    from torch.nn.utils import prune
+
+    model = mlp((8, 16, 2))
+    prune.l1_unstructured(model[0], "weight", amount=0.5)
+    return model
+
+
+class TensorKernelSize(nn.Module):
+    """kernel_size kept as a 0-d tensor attribute (transformers' EncodecConv1d and MimiConv1d do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(1, 4, kernel_size=3, padding=1)
+        self.kernel_size = torch.tensor(3)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Masked(nn.Module):
+    """Two positional inputs, the second optional: `%shapes masked (x, mask)`."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 4)
+
+    def forward(self, x, mask=None):
+        y = self.proj(x)
+        return y if mask is None else y * mask
+
+
+class GaussianHead(nn.Module):
+    """Returns a torch.distributions object, not a tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.mu = nn.Linear(8, 2)
+        self.scale = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return torch.distributions.Normal(self.mu(x), F.softplus(self.scale(x)) + 1e-3)
+
+
+class ScalarInput(nn.Module):
+    """Takes a 0-d tensor (a temperature, a timestep)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(1, 5)
+
+    def forward(self, t):
+        return self.fc(t.reshape(1, 1))
+
+
+def grouped_conv() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.Conv2d(8, 8, 3, groups=8), nn.ReLU())
+
+
+class OffsetPositions(nn.Embedding):
+    """A learned positional embedding that looks up positions + 2, not its input (BART, mBART, OPT)."""
+
+    def __init__(self, positions, d):
+        super().__init__(positions + 2, d)
+
+    def forward(self, ids):
+        return super().forward(torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1) + 2)
+
+
+class OffsetDecoder(nn.Module):
+    def __init__(self, vocab=100, positions=8, d=16):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, d)
+        self.positions = OffsetPositions(positions, d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, ids):
+        return self.head(self.tokens(ids) + self.positions(ids))
+
+
+class GroupedExperts(nn.Module):
+    """A mixture-of-experts layer as transformers runs it: tokens sorted by expert, one grouped matmul."""
+
+    def __init__(self, d=8, experts=4, hidden=16):
+        super().__init__()
+        self.router = nn.Linear(d, experts)
+        self.up = nn.Parameter(torch.randn(experts, d, hidden) / d**0.5)
+        self.down = nn.Parameter(torch.randn(experts, hidden, d) / hidden**0.5)
+
+    def forward(self, x):
+        tokens = x.reshape(-1, x.shape[-1])
+        expert = self.router(tokens).argmax(-1)
+        order = expert.argsort()
+        counts = torch.histc(expert.float(), bins=self.up.shape[0], min=0, max=self.up.shape[0] - 1)
+        offsets = counts.cumsum(0).to(torch.int32)
+        h = F.silu(torch._grouped_mm(tokens[order], self.up, offs=offsets))
+        out = torch._grouped_mm(h, self.down, offs=offsets)
+        return out[order.argsort()].reshape(x.shape)

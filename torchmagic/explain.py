@@ -17,12 +17,6 @@ _CONV = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _BATCHNORM = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
 
 
-def check_ids(module: nn.Embedding, ids: torch.Tensor | None):
-    """Fake and meta tensors have no values: check the user's real token ids as a real lookup would."""
-    if ids is not None and ids.numel() and (int(ids.max()) >= module.num_embeddings or int(ids.min()) < 0):
-        raise IndexError("index out of range in self")
-
-
 def _first_tensor(args) -> torch.Tensor | None:
     return next((a for a in args if isinstance(a, torch.Tensor)), None)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ try:
         DynamicOutputShapeException,
         FakeTensor,
         FakeTensorMode,
+        UnsupportedOperatorException,
     )
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.flop_counter import flop_registry, sdpa_flop_count
@@ -33,7 +35,7 @@ try:
 except ImportError as e:  # a torch that moved its private API: real mode still works
     UNAVAILABLE = f"torch {torch.__version__} has no usable FakeTensorMode ({e})"
     FakeTensor = FakeTensorMode = TorchDispatchMode = None
-    DataDependentOutputException = DynamicOutputShapeException = ()
+    DataDependentOutputException = DynamicOutputShapeException = UnsupportedOperatorException = ()
     flop_registry = {}
 
 _DATA_MESSAGES = ("cannot be called on meta tensors", "data-dependent", "data dependent", "data-independent",
@@ -62,7 +64,7 @@ def needs_values(exc: BaseException) -> bool:
     """True when the forward failed because it reads tensor values, which fake and meta tensors lack."""
     if DataDependentOutputException and isinstance(exc, (DataDependentOutputException, DynamicOutputShapeException)):
         return True
-    if type(exc).__name__ in ("GuardOnDataDependentSymNode", "DataDependentOutputException", "UnsupportedOperatorException"):
+    if type(exc).__name__ in ("GuardOnDataDependentSymNode", "DataDependentOutputException"):
         return True
     return any(m in str(exc) for m in _DATA_MESSAGES)
 
@@ -70,13 +72,15 @@ def needs_values(exc: BaseException) -> bool:
 class Shadow:
     """Fake or meta stand-ins for a model's parameters and buffers and for the call's tensors.
     The real tensors are only read for their metadata, never written; `values` maps the id of
-    each stand-in made from a user's integer tensor to that tensor, so token ids can be checked."""
+    each stand-in made from a user's integer tensor to (the stand-in, that tensor), so that token ids
+    can be checked where they are looked up (holding the stand-in keeps its id from being reused)."""
 
     def __init__(self, kind: str):
         available(kind)
         self.kind = kind
         self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if kind == "fake" else None
-        self.values: dict[int, torch.Tensor] = {}
+        self.values: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.failed_op: tuple | None = None  # (op, its arguments as _Specs, exception) of the last op that raised
 
     def tensor(self, t: torch.Tensor) -> torch.Tensor:
         if self.kind == "meta":
@@ -89,7 +93,7 @@ class Shadow:
             with self.fake_mode:
                 out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
         if has_data(t) and not t.is_floating_point() and not t.is_complex():
-            self.values[id(out)] = t
+            self.values[id(out)] = (out, t)
         return out
 
     def convert(self, value):
@@ -120,13 +124,124 @@ class Shadow:
         log = logging.getLogger("torch._subclasses.fake_tensor")
         level = log.level
         log.setLevel(logging.CRITICAL)  # it logs a traceback for every failing op: the result reports it once
+        # torch.distributions checks its arguments' values (scale > 0), which stand-ins lack: not here.
+        validate = torch.distributions.Distribution._validate_args
+        torch.distributions.Distribution.set_default_validate_args(False)
         try:
             with self.mode():
                 if all(state[k] is v for k, v in _named_tensors(model)):
                     return model(*args, **kwargs)  # a model on meta in meta mode: nothing to swap
                 return torch.func.functional_call(model, state, args, kwargs, tie_weights=True, strict=False)
         finally:
+            torch.distributions.Distribution.set_default_validate_args(validate)
             log.setLevel(level)
+
+    def run(self, func, args: tuple, kwargs: dict):
+        """One aten op of the forward (the Counter calls it): token ids checked where they are looked
+        up (stand-ins have no values; the user's ids do), the kernels that torch's fake ones refuse,
+        and the last op that raised, so that a failure can be told apart from the model's own."""
+        __tracebackhide__ = True  # noqa: F841
+        if func._overloadpacket in _EMBEDDINGS and len(args) > 1 and id(args[1]) in self.values:
+            with outside_modes():
+                check_ids(self.values[id(args[1])][1], args[0].shape[0])
+        try:
+            kernel = _STAND_IN_KERNELS.get(func)
+            out = kernel(*args, **kwargs) if kernel is not None else None
+            return out if out is not None else func(*args, **kwargs)
+        except Exception as e:
+            self.failed_op = (func, torch.utils._pytree.tree_map(_spec, (args, kwargs)), e)
+            raise
+
+    def limit(self, exc: BaseException) -> str:
+        """What this mode could not do, when the forward failed for a reason of fake or meta tensors
+        and not of the model; "" when a real forward would fail the same way (or cannot be told)."""
+        if needs_values(exc):
+            return f"reads tensor values (e.g. .item(), nonzero or a boolean mask), which {self.kind} tensors do not have"
+        if self.failed_op is None:
+            return ""
+        op, specs, raised = self.failed_op
+        self.failed_op = None
+        if not _caused_by(exc, raised):  # an op failure that the forward caught, then another error
+            return ""
+        if isinstance(exc, UnsupportedOperatorException) or _runs_for_real(op, specs):
+            return f"calls {op}, which {self.kind} tensors cannot run (a real forward runs it)"
+        return ""
+
+
+def _caused_by(exc: BaseException, cause: BaseException) -> bool:
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if exc is cause:
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+class _Spec(tuple):
+    """An op argument's metadata: (shape, stride, dtype, device)."""
+
+
+def _spec(value):
+    if isinstance(value, torch.Tensor):
+        return _Spec((tuple(value.shape), value.stride(), value.dtype, value.device))
+    return torch.device("cpu") if isinstance(value, torch.device) else value
+
+
+_CHECK_LIMIT = 1 << 22  # input elements: a failed op is tried for real only up to this size (16 MB of float32)
+
+
+def _runs_for_real(op, specs) -> bool:
+    """Whether the op that failed on stand-ins runs on real CPU tensors of the same shapes (zeros).
+    False also when that cannot be told cheaply."""
+    leaves = [s for s in torch.utils._pytree.tree_leaves(specs, is_leaf=lambda x: isinstance(x, _Spec))
+              if isinstance(s, _Spec)]
+    if sum(math.prod(s[0]) for s in leaves) > _CHECK_LIMIT:
+        return False
+    if len({s[3] for s in leaves if s[3].type != "meta"}) > 1:
+        return False  # tensors on two devices: a real forward fails there too (meta is this mode's own)
+
+    def make(s):
+        if not isinstance(s, _Spec):
+            return s
+        shape, stride, dtype, _ = s
+        return torch.empty_strided(shape, stride, dtype=dtype).zero_()
+
+    args, kwargs = specs
+    try:
+        with outside_modes(), torch._C.DisableTorchFunction():
+            op(*torch.utils._pytree.tree_map(make, args, is_leaf=lambda x: isinstance(x, _Spec)),
+               **torch.utils._pytree.tree_map(make, kwargs, is_leaf=lambda x: isinstance(x, _Spec)))
+    except Exception:
+        return False
+    return True
+
+
+def _grouped_mm(a, b, offs=None, bias=None, out_dtype=None):
+    """torch's fake kernel of grouped matmul (mixture-of-experts layers) accepts bfloat16 only, as the
+    CUDA kernel does; the CPU kernel also takes float32 and float16. Their output, for those dtypes."""
+    if a.dtype != b.dtype or a.dtype not in (torch.float32, torch.float16) or bias is not None:
+        return None
+    if a.dim() not in (2, 3) or b.dim() not in (2, 3) or (offs is None) != (a.dim() == 3 and b.dim() == 3):
+        return None
+    if (a.dim() == 3 or b.dim() == 3) and a.shape[-1] != b.shape[-2]:
+        return None
+    if a.dim() == 2:
+        shape = (offs.shape[0], a.shape[0], b.shape[1]) if b.dim() == 2 else (a.shape[0], b.shape[-1])
+    else:
+        shape = (a.shape[1], b.shape[1]) if b.dim() == 2 else (a.shape[0], a.shape[1], b.shape[-1])
+    return torch.empty(shape, dtype=out_dtype or a.dtype, device=a.device)
+
+
+_EMBEDDINGS = {getattr(torch.ops.aten, n) for n in ("embedding", "_embedding_bag", "_embedding_bag_forward_only")
+               if hasattr(torch.ops.aten, n)}
+_STAND_IN_KERNELS = {torch.ops.aten._grouped_mm.default: _grouped_mm} if hasattr(torch.ops.aten, "_grouped_mm") else {}
+
+
+def check_ids(ids: torch.Tensor, num_embeddings: int):
+    """The lookup a real embedding makes: every id in 0..num_embeddings-1."""
+    if ids.numel() and (int(ids.max()) >= num_embeddings or int(ids.min()) < 0):
+        raise IndexError("index out of range in self")
 
 
 def _named_tensors(model: nn.Module):
@@ -143,17 +258,20 @@ if TorchDispatchMode is not None:
 
     class Counter(TorchDispatchMode):
         """FLOPs of every aten op by torch's own formulas (torch.utils.flop_counter), so attention is
-        counted, and bytes of the new tensors the forward makes. `on_op(flops, nbytes)` receives them."""
+        counted, and bytes of the new tensors the forward makes. `on_op(flops, nbytes)` receives them.
+        In a fake or meta forward each op runs through the Shadow (one dispatch mode, not two: each
+        costs time on every op)."""
 
-        def __init__(self, on_op):
+        def __init__(self, on_op, shadow: Shadow | None = None):
             super().__init__()
             self.on_op = on_op
+            self.shadow = shadow
             self.ops: dict = {}  # op -> (whether it returns new tensors, not views or in-place results; its formula)
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             __tracebackhide__ = True  # noqa: F841  tracebacks of the user's code do not show this frame
             kwargs = kwargs or {}
-            out = func(*args, **kwargs)
+            out = func(*args, **kwargs) if self.shadow is None else self.shadow.run(func, args, kwargs)
             known = self.ops.get(func)
             if known is None:
                 packet = func._overloadpacket

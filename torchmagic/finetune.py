@@ -19,17 +19,45 @@ def _matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, p + ".*") for p in patterns)
 
 
+def _names_by_tensor(model: nn.Module) -> dict[int, list[str]]:
+    """id of each parameter -> every name it has (a tied weight has several)."""
+    names: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    return names
+
+
 def select(model: nn.Module, patterns: list[str], exclude: list[str] = ()) -> list[tuple[str, nn.Parameter]]:
-    """(name, parameter) for every parameter matched (all of them without patterns), tied ones once."""
-    named = list(model.named_parameters())
-    chosen = [(n, p) for n, p in named if (not patterns or _matches(n, patterns)) and not _matches(n, list(exclude))]
+    """(name, parameter) for every parameter matched (all of them without patterns), tied ones once.
+    A tied weight answers to each of its names (lm_head.weight is transformer.wte.weight in GPT-2), so a
+    module whose parameters are all shared is selectable by its own name; excluding any of its names
+    leaves the one tensor alone."""
+    names = _names_by_tensor(model)
+    params = {id(p): p for p in model.parameters()}
+    every = [n for ns in names.values() for n in ns]
     for pattern in list(patterns) + list(exclude):
-        if not any(_matches(n, [pattern]) for n, _ in named):
-            modules = sorted({n.rpartition(".")[0] for n, _ in named if "." in n})
-            some = ", ".join(modules[:6] or [n for n, _ in named][:6])
+        if not any(_matches(n, [pattern]) for n in every):
+            modules = sorted({n.rpartition(".")[0] for n in every if "." in n})
+            some = ", ".join(modules[:6] or every[:6])
             raise TorchMagicError(f"{pattern!r} matches no parameter: give a submodule or parameter name "
                                   f"(wildcards * ?), e.g. one of {some}")
+    chosen = []
+    for pid, ns in names.items():
+        if (not patterns or any(_matches(n, patterns) for n in ns)) and not any(_matches(n, list(exclude)) for n in ns):
+            chosen.append((ns[0], params[pid]))
     return chosen
+
+
+def tied_notes(model: nn.Module, patterns: list[str], exclude: list[str] = ()) -> list[str]:
+    """One line per weight that several names share and that a pattern names: the same tensor under each."""
+    notes = []
+    for ns in _names_by_tensor(model).values():
+        named = [n for n in ns if _matches(n, list(patterns) + list(exclude))]
+        if len(ns) > 1 and named:
+            others = [n for n in ns if n != named[0]]
+            kept = " (left as it is: --except names it)" if any(_matches(n, list(exclude)) for n in ns) else ""
+            notes.append(f"{named[0]} is shared with {', '.join(others)}: one tensor, so both change together{kept}")
+    return notes
 
 
 def _state(params: list[nn.Parameter]) -> str:
@@ -48,8 +76,9 @@ def trainable_report(model: nn.Module, name: str, action: str, changed: list[str
     for child_name, child in model.named_children():
         params = [p for p in child.parameters() if id(p) not in seen]
         seen.update(id(p) for p in params)
-        if params:
-            rows.append(FreezeRow(name=child_name, params=sum(p.numel() for p in params), trainable=_state(params)))
+        shared = list(child.parameters())
+        if params or shared:  # all shared (a tied head): its row shows its state, its weights count where first seen
+            rows.append(FreezeRow(name=child_name, params=sum(p.numel() for p in params), trainable=_state(params or shared)))
     return FreezeReport(model=name, action=action, changed=changed, matched=matched,
                         total=sum(p.numel() for p in unique), trainable=sum(p.numel() for p in unique if p.requires_grad),
                         rows=rows, notes=list(notes))
@@ -64,7 +93,7 @@ def set_trainable(model: nn.Module, name: str, patterns: list[str], *, trainable
     changed = [n for n, p in chosen if p.requires_grad != trainable]
     for _, p in chosen:
         p.requires_grad_(trainable)
-    notes = []
+    notes = tied_notes(model, patterns, exclude)
     if not trainable:
         if any(p.grad is not None for _, p in chosen):
             notes.append("frozen parameters keep their .grad, and optimizers still apply a .grad that is not None: "

@@ -1,6 +1,7 @@
 """The small input syntax of the magics: shapes and argument lines. Pure."""
 from __future__ import annotations
 
+import ast
 import re
 import unicodedata
 
@@ -49,9 +50,19 @@ def _ascii_shape(text: str) -> str:
 
 
 def looks_like_shape(text: str) -> bool:
-    """True for text meant as a shape (digits and commas), even a malformed one."""
+    """True for text meant as a shape (digits and commas), even a malformed one; an expression that
+    names anything, such as (x1,) or (x, 2), is not a shape."""
     text = _ascii_shape(text)
-    return bool(text) and bool(_SHAPE_CHARS.match(text)) and any(c.isdigit() for c in text) and not text.isidentifier()
+    return (bool(text) and bool(_SHAPE_CHARS.match(text)) and any(c.isdigit() for c in text)
+            and not text.isidentifier() and not _names_something(text))
+
+
+def _names_something(text: str) -> bool:
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError:  # "1x3", "1,,3": a malformed shape
+        return False
+    return any(isinstance(node, ast.Name) for node in ast.walk(tree))
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

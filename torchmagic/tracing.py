@@ -3,6 +3,7 @@ TorchFunctionMode, in real, fake or meta mode. Hooks and modes are removed on ex
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import inspect
 import weakref
@@ -10,6 +11,7 @@ import weakref
 import torch
 from torch import nn
 from torch.nn.modules import module as nn_module
+from torch.nn.parameter import is_lazy
 from torch.overrides import TorchFunctionMode
 
 from . import explain, fake, render
@@ -123,7 +125,14 @@ def first_dtype(value, depth: int = 0) -> str:
 
 
 def own_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters(recurse=False))
+    return sum(p.numel() for p in module.parameters(recurse=False) if not is_lazy(p))
+
+
+def class_name(module: nn.Module) -> str:
+    """The class the user wrote: a TorchScript module's own class is RecursiveScriptModule (or a traced one)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return getattr(module, "original_name", None) or type(module).__name__
+    return type(module).__name__
 
 
 def _tensor_leaves(value, depth: int = 0):
@@ -145,6 +154,12 @@ def module_names(model: nn.Module, root: str, prefix: bool = False) -> dict[int,
     for name, m in model.named_modules(remove_duplicate=False):
         names.setdefault(id(m), f"{root}.{name}" if name and prefix else (name or root))
     return names
+
+
+def module_names_to_modules(model: nn.Module, root: str) -> dict[str, nn.Module]:
+    """qualified name (as module_names gives it) -> module."""
+    modules = {id(m): m for m in model.modules()}
+    return {name: modules[mid] for mid, name in module_names(model, root).items()}
 
 
 def param_names(model: nn.Module) -> dict[int, str]:
@@ -201,10 +216,9 @@ class Recorder:
     Ops are recorded only in code a user wrote (outside any module, or in a forward that is not
     torch.nn's own), so `x.view(...)` in a forward is a row and F.linear inside nn.Linear is not."""
 
-    def __init__(self, names: dict[int, str], namer=None, values: dict | None = None):
+    def __init__(self, names: dict[int, str], namer=None):
         self.names = names
         self.namer = namer  # called for names of modules made while recording (%%shapes)
-        self.values = values or {}
         self.rows: list[ShapeRow] = []
         self.stack: list[tuple[nn.Module, int, tuple]] = []  # (module, row index, args) of open calls
         self.row_modules: list[nn.Module | None] = []
@@ -268,9 +282,6 @@ class Recorder:
             self.stack.append((module, len(self.rows), args))
             self.rows.append(row)
             self.row_modules.append(module)
-            if isinstance(module, nn.Embedding) and self.values and args and id(args[0]) in self.values:
-                with fake.outside_modes():
-                    explain.check_ids(module, self.values[id(args[0])])
         finally:
             self.busy = False
 
@@ -389,7 +400,6 @@ class Recorder:
         self.rename()
         self.stack.clear()
         self.row_modules.clear()
-        self.values = {}
         self.made = {}
 
 
@@ -412,8 +422,9 @@ class _Ops(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def recording(recorder: Recorder, *, ops: bool = True, count: bool = True):
-    """Global module hooks, the op recorder and the FLOP counter, all removed on exit."""
+def recording(recorder: Recorder, *, ops: bool = True, shadow: fake.Shadow | None = None):
+    """Global module hooks, the op recorder and the FLOP counter, all removed on exit. In fake or
+    meta mode the counter runs each op through the shadow."""
     handles = []
     try:
         with interrupts_deferred():  # a Ctrl-C between registering and keeping the handle would leave the hook
@@ -422,20 +433,23 @@ def recording(recorder: Recorder, *, ops: bool = True, count: bool = True):
         with contextlib.ExitStack() as modes:
             if ops:
                 modes.enter_context(_Ops(recorder))
-            if count and fake.Counter is not None:
-                modes.enter_context(fake.Counter(recorder.count))
+            if fake.Counter is not None:
+                modes.enter_context(fake.Counter(recorder.count, shadow))
             yield recorder
     finally:
         # A Ctrl-C can land on the call that sets up the deferral: then remove again, whole, and let
         # it through (remove() is idempotent). A helper function would be one more call to land on.
+        # torch's handle of a hook registered with_kwargs leaves its entry in _global_forward_hooks_with_kwargs.
         try:
             with interrupts_deferred():
                 for h in handles:
                     h.remove()
+                    nn_module._global_forward_hooks_with_kwargs.pop(h.id, None)
         except KeyboardInterrupt:
             with interrupts_deferred():
                 for h in handles:
                     h.remove()
+                    nn_module._global_forward_hooks_with_kwargs.pop(h.id, None)
             raise
 
 
@@ -446,8 +460,8 @@ def unwrap(model: nn.Module, name: str) -> tuple[nn.Module, str, list[str]]:
     """The module that really runs: torch.compile's original module, DataParallel's and DDP's .module."""
     notes = []
     while True:
-        inner = model._modules.get("_orig_mod")
-        if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+        inner = getattr(model, "_orig_mod", None) if type(model).__name__ == "OptimizedModule" else None
+        if isinstance(inner, nn.Module):
             notes.append(f"{name} is torch.compile'd: traced its original module (the same layers, not compiled)")
             model = inner
         elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
@@ -490,6 +504,10 @@ def choose_mode(model: nn.Module, values: list) -> tuple[str, str]:
         return "fake", "the model or input holds fake tensors"
     if fake.UNAVAILABLE:
         return "real", f"fake tensors are not available ({fake.UNAVAILABLE})"
+    if isinstance(model, torch.jit.ScriptModule):
+        return "real", "a TorchScript module runs its compiled code on real tensors"
+    if any(is_lazy(t) for t in _tensors(model)):
+        return "real", "lazy layers get their shapes from a real forward (on a copy)"
     params = sum(p.numel() for p in model.parameters())
     device, _ = model_device_dtype(model)
     numel = _numel(values)
@@ -517,10 +535,10 @@ def _shadow_values(shadow: fake.Shadow, model: nn.Module, values: list) -> list:
     return [convert(v) for v in values]
 
 
-def _run(model: nn.Module, values: list, name: str, mode: str, ops: bool) -> tuple[Recorder, ShapeFailure | None, bool]:
-    """One forward in this mode under the guard. Returns the recorder, the failure, and whether the
-    failure came from reading values that fake/meta tensors lack."""
-    failure, needs_values = None, False
+def _run(model: nn.Module, values: list, name: str, mode: str, ops: bool) -> tuple[Recorder, ShapeFailure | None, str]:
+    """One forward in this mode under the guard. Returns the recorder, the failure, and, when the
+    failure is fake or meta mode's own (values they lack, an op they cannot run), what it could not do."""
+    failure, limit = None, ""
     with model_preserved(model), torch.no_grad():
         shadow = None if mode == "real" else fake.Shadow(mode)
         if shadow is None:
@@ -534,8 +552,8 @@ def _run(model: nn.Module, values: list, name: str, mode: str, ops: bool) -> tup
             except Exception as e:
                 raise TorchMagicError(f"{mode} mode cannot copy the model or input ({type(e).__name__}: {e}); "
                                       f"use --mode real") from None
-        recorder = Recorder(module_names(model, name), values=shadow.values if shadow else None)
-        with recording(recorder, ops=ops):
+        recorder = Recorder(module_names(model, name))
+        with recording(recorder, ops=ops, shadow=shadow):
             try:
                 recorder.mark_inputs(args, kwargs)
                 if shadow is not None:
@@ -544,13 +562,23 @@ def _run(model: nn.Module, values: list, name: str, mode: str, ops: bool) -> tup
                     model(*args, **kwargs)
             except Exception as exc:  # the user's forward failed: report it, keep no reference to it
                 failure = recorder.failure(exc)
-                needs_values = mode != "real" and fake.needs_values(exc)
+                limit = shadow.limit(exc) if shadow is not None else ""
                 del exc
             finally:
                 recorder.close()
+                if shadow is not None:
+                    shadow.failed_op = None  # an error the forward caught: its traceback holds the stand-ins
     if recorder.rows and not recorder.rows[0].inputs:
         recorder.rows[0].inputs = describe_call(args, kwargs)  # keyword-only calls: the pre hook sees no kwargs
-    return recorder, failure, needs_values
+    return recorder, failure, limit
+
+
+def _affordable(model: nn.Module, values: list) -> bool:
+    """A real forward that auto may run when fake or meta mode cannot: the model holds data and is
+    not far beyond the size auto runs for real."""
+    if not all(fake.has_data(t) for t in _tensors(model)):
+        return False
+    return sum(p.numel() for p in model.parameters()) <= 100 * REAL_LIMIT and _numel(values) <= 100 * REAL_LIMIT
 
 
 def trace_shapes(model: nn.Module, values: list, *, name: str, mode: str = "auto", depth: int | None = None,
@@ -567,31 +595,62 @@ def trace_shapes(model: nn.Module, values: list, *, name: str, mode: str = "auto
         if mode == "real" and any(not fake.has_data(t) for t in _tensors(model)):
             raise TorchMagicError(f"{name} has meta or fake tensors, which hold no data for a real forward: "
                                   f"use --mode meta or --mode fake")
+        if mode != "real" and isinstance(model, torch.jit.ScriptModule):
+            raise TorchMagicError(f"{name} is a TorchScript module, whose parameters {mode} mode cannot swap for "
+                                  f"stand-ins: use --mode real")
+        if mode != "real" and any(is_lazy(t) for t in _tensors(model)):
+            raise TorchMagicError(f"{name} has uninitialized lazy layers, which only a real forward gives shapes: "
+                                  f"use --mode real (it runs on a copy; {name} stays uninitialized)")
+    user_model = model
+    if any(is_lazy(t) for t in _tensors(model)):  # the first forward would materialize the user's lazy layers
+        model = copy.deepcopy(model)
+        lazy = sorted({type(m).__name__ for m in model.modules()
+                       if any(is_lazy(t) for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)])})
+        notes.append(f"{name} has uninitialized lazy layers ({', '.join(lazy)}): traced a copy, whose first forward "
+                     f"gave them the shapes shown; {name} itself stays uninitialized")
     # The op recorder costs time (a tenth to a quarter more on large models): it runs for --ops, for
     # the graph (the ops between modules are part of the flow), and for small models, whose table
     # shows the ops that change a shape and whose kept result can draw its graph too.
-    record = ops or graph or sum(p.numel() for p in model.parameters()) <= REAL_LIMIT
-    recorder, failure, needs_values = _run(model, values, name, mode, record)
-    if failure is not None and not record and not needs_values:
+    record = ops or graph or sum(p.numel() for p in model.parameters() if not is_lazy(p)) <= REAL_LIMIT
+    recorder, failure, limit = _run(model, values, name, mode, record)
+    if failure is not None and not record and not limit:
         # Again with the op recorder: the explanation names the view or flatten that made the input.
-        recorder, failure, needs_values = _run(model, values, name, mode, True)
-    if needs_values:
-        has_data = all(fake.has_data(t) for t in _tensors(model))
-        if why != "asked for" and has_data:
-            notes.append(f"{mode} mode stopped at {failure.module}: it reads tensor values, which {mode} tensors "
-                         f"lack; ran a real forward instead")
+        recorder, failure, limit = _run(model, values, name, mode, True)
+    if limit:
+        if why != "asked for" and _affordable(model, values):
+            notes.append(f"{mode} mode stopped at {failure.module}: it {limit}; ran a real forward instead")
             mode, why = "real", "fell back from " + mode
-            recorder, failure, needs_values = _run(model, values, name, "real", True)
-        else:
-            failure.explanation = (f"{failure.module} reads tensor values (e.g. .item(), nonzero or a boolean "
-                                   f"mask), which {mode} tensors do not have")
-            failure.fix = ("use --mode real" if has_data else
-                           "load real weights to trace it, or trace the layers before it")
+            recorder, failure, limit = _run(model, values, name, "real", True)
+        else:  # say what this mode could not do; an explanation of the model's would blame it wrongly
+            has_data = all(fake.has_data(t) for t in _tensors(model))
+            who = failure.within.split(" (")[0] if failure.cls == "op" and failure.within else failure.module
+            failure.explanation = f"{who} {limit}"
+            failure.fix = ("use --mode real" if has_data else "use --mode fake" if mode == "meta" and "reads" not in limit
+                           else "load real weights to trace it, or trace the layers before it")
+    notes += _rows_as_written(recorder, model, name, copied=model is not user_model)
     trace = _result(recorder, failure, name=name, mode=mode, why=why, depth=depth, ops=ops, notes=notes)
     unique = {id(p): p for p in model.parameters()}.values()
     trace.params = sum(p.numel() for p in unique)
     trace.param_bytes = sum(p.numel() * p.element_size() for p in unique)
     return trace
+
+
+def _rows_as_written(recorder: Recorder, model: nn.Module, name: str, *, copied: bool) -> list[str]:
+    """TorchScript rows get the class the user wrote; a copy's lazy layers get the parameters its
+    forward gave them. Returns the notes that say why a scripted module is one row."""
+    modules = module_names_to_modules(model, name)
+    notes = []
+    for row in recorder.rows:
+        module = modules.get(row.name) if row.kind == "module" else None
+        if copied and module is not None:
+            row.params = own_params(module)
+        if isinstance(module, torch.jit.ScriptModule):
+            row.cls = class_name(module)
+            note = (f"{row.name} is TorchScript (scripted or traced): its layers run inside compiled code, where no "
+                    f"hook sees them, so the table shows {row.name} as one call")
+            if next(module.children(), None) is not None and note not in notes:
+                notes.append(note)
+    return notes
 
 
 def _reshapes(row: ShapeRow) -> bool:
