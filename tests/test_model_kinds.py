@@ -131,7 +131,7 @@ def test_distribution_output_scalar_input_and_grouped_conv(shell):
         assert g.ok and g.rows[0].outputs == "[1, 8, 4, 4]"
     assert shell.run("%summary head 2,8").rows[0].output == "Normal"
     s = shell.run("%shapes scalar t")
-    assert s.ok and s.rows[0].inputs == "[]" and s.rows[0].outputs == "[1, 5]"
+    assert s.ok and s.rows[0].inputs == "scalar" and s.rows[0].full_inputs == "[]" and s.rows[0].outputs == "[1, 5]"
     assert shell.run("%summary grouped").total == (8 * 2 * 9 + 8) + (8 * 1 * 9 + 8)
 
 

@@ -74,7 +74,7 @@ def test_values_are_condensed_and_the_full_ones_kept(shell):
     t = shell.run("%shapes wide x")
     block = t.row("blocks.0")
     # None arguments left out, a cache with its size, keywords only where they hold a shape
-    assert block.inputs == "[2, 16, 64], Cache (3 layers), position_ids [1, 16]"
+    assert block.inputs == "[2, 16, 64], Cache (3 layers), position_ids=[1, 16]"
     assert block.full_inputs == "[2, 16, 64], Cache, None, position_ids=[1, 16], use_cache=True"
     # a 0-d tensor reads as a scalar; positional Nones of an output stay (their place means something)
     assert t.row("wide").outputs == "([2, 16, 64], scalar, None)"
@@ -108,9 +108,9 @@ def test_transformers_outputs_and_caches_read_short():
 
 
 def test_elide_keeps_whole_items_where_it_can():
-    value = "[1, 16, 64], DynamicCache (2 layers), position_ids [1, 16], cache_position [16]"
+    value = "[1, 16, 64], DynamicCache (2 layers), position_ids=[1, 16], cache_position=[16]"
     assert render.elide(value, 200) == value
-    assert render.elide(value, 40) == "[1, 16, 64], …, cache_position [16]"
+    assert render.elide(value, 40) == "[1, 16, 64], …, cache_position=[16]"
     assert render.elide(value, 16) == "[1, 16, 64], …"
     assert render.elide("abcdefghijklmnopqrstuvwxyz", 9) == "abcd…wxyz"
     assert render.elide("      post_attention_layernorm", 16) == "      post_…norm"  # the indentation stays

@@ -86,7 +86,7 @@ def split_items(text: str) -> list[str]:
 
 def elide(text: str, width: int) -> str:
     """Text of at most `width` characters, cut in the middle: between whole items of a list where
-    that keeps some (`[1, 16, 64], …, position_ids [1, 16]`), else between characters. Leading
+    that keeps some (`[1, 16, 64], …, position_ids=[1, 16]`), else between characters. Leading
     spaces (a tree's indentation) are kept."""
     if len(text) <= width:
         return text

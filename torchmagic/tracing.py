@@ -99,11 +99,11 @@ def describe(value, depth: int = 0, full: bool = False) -> str:
 
 def describe_call(args: tuple, kwargs: dict, full: bool = False) -> str:
     """The arguments of a call. Condensed: None arguments are left out, keywords only where they
-    hold a shape (`position_ids [1, 16]`, not `use_cache=True`). Full: every argument."""
+    hold a shape (`position_ids=[1, 16]`, not `use_cache=True`). Full: every argument."""
     if full:
         return ", ".join([describe(a, full=True) for a in args] + [f"{k}={describe(v, full=True)}" for k, v in kwargs.items()])
     parts = [describe(a) for a in args if a is not None]
-    parts += [f"{k} {describe(v)}" for k, v in kwargs.items() if _worth_showing(v)]
+    parts += [f"{k}={describe(v)}" for k, v in kwargs.items() if _worth_showing(v)]
     return ", ".join(parts)
 
 
@@ -276,7 +276,7 @@ class Recorder:
             row = ShapeRow(name=self._name(module), cls=type(module).__name__, depth=len(self.stack),
                            inputs=describe_call(args, {}), outputs="", dtype=first_dtype(args),
                            params=own_params(module), status="open", full_inputs=describe_call(args, {}, full=True),
-                           total_params=self._total_params(module), id=len(self.rows),
+                           total_params=self._total_params(module, len(self.rows)), id=len(self.rows),
                            parent=self.stack[-1][1] if self.stack else -1,
                            sources=self._sources(args, outer=not self.stack))
             self.stack.append((module, len(self.rows), args))
@@ -285,13 +285,13 @@ class Recorder:
         finally:
             self.busy = False
 
-    def _total_params(self, module) -> int:
-        """The parameters under this call that no earlier call held itself: a tied weight counts in
-        the first module that holds it (and its parents), a module called again counts nothing again."""
-        total = sum(p.numel() for p in module.parameters() if id(p) not in self.holders)
+    def _total_params(self, module, index: int) -> int:
+        """The parameters under the call at this row that no earlier call held itself: a tied weight
+        counts in the first module that holds it (and its parents), a module called again counts
+        nothing again. Lazy ones count once their first forward gave them a shape."""
         for p in module.parameters(recurse=False):
-            self.holders.setdefault(id(p), len(self.rows))
-        return total
+            self.holders.setdefault(id(p), index)
+        return sum(p.numel() for p in module.parameters() if not is_lazy(p) and self.holders.get(id(p), index) >= index)
 
     def post(self, module, args, kwargs, output):
         self.busy = True
@@ -304,6 +304,7 @@ class Recorder:
                     row = self.rows[index]
                     row.inputs, row.full_inputs = describe_call(args, kwargs), describe_call(args, kwargs, full=True)
                     row.outputs, row.full_outputs, row.status = describe(output), describe(output, full=True), "ok"
+                    row.total_params = self._total_params(module, index)  # lazy layers have their shapes now
                     row.dtype = first_dtype(output) or row.dtype
                     row.sources += self._sources(kwargs, outer=not self.stack)
                     self._returned(row, output)
