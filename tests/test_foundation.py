@@ -46,6 +46,34 @@ def test_core_does_not_import_ipython():
     assert out.stdout.strip() == "False"
 
 
+_FIRST_ANSWER = """
+import sys, torch
+from IPython.core.interactiveshell import InteractiveShell
+ip = InteractiveShell.instance()
+ip.run_line_magic("load_ext", "torchmagic")
+print(sorted(m for m in sys.modules if m.startswith("torchmagic")))
+ip.run_cell(NET_SOURCE)
+t = ip.run_line_magic("shapes", "net 1,1,32,32")
+print(t.mode, t.flops, "torch._dynamo" in sys.modules, "sympy" in sys.modules)
+"""
+
+
+def test_load_ext_and_the_first_shapes_import_only_what_they_use():
+    """%load_ext imports the magics alone; a real forward's FLOPs come without torch's compiler stack
+    (torch._dynamo and sympy: a second or more in a fresh kernel; torch's optimizers import it, so
+    the network is defined without one here)."""
+    import subprocess
+
+    from conftest import NET_SOURCE
+
+    source = "\n".join(line for line in NET_SOURCE.splitlines() if "optim" not in line)
+    code = f"NET_SOURCE = {source!r}\n{_FIRST_ANSWER}"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0] == str(["torchmagic", "torchmagic.compat", "torchmagic.errors", "torchmagic.magics",
+                          "torchmagic.parsing", "torchmagic.render"])
+    assert out[1] == "real 124200 False False"
+
+
 # ---------------------------------------------------------------- %device
 
 

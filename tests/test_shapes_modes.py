@@ -1,6 +1,7 @@
 """%shapes in real, fake and meta mode: same shapes as a real run on every model of the zoo, the
 mode auto picks and why, large models without compute, wrappers, FLOPs, and the promises."""
 import re
+import warnings
 
 import pytest
 import torch
@@ -201,6 +202,39 @@ def test_wrappers_are_unwrapped(shell):
     assert "torch.compile'd" in shell.text(t)
     p = shell.run("%shapes parallel 1,1,32,32")
     assert p.rows[0].name == "parallel.module" and "DataParallel" in shell.text(p)
+
+
+class CompilesInForward(nn.Module):
+    """A model that compiles a part of itself the first time its forward runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.compiled = zoo.Net(), None
+
+    def forward(self, x):
+        if self.compiled is None:
+            self.compiled = torch.compile(self.inner, backend="eager")
+        return self.compiled(x)
+
+
+@pytest.mark.parametrize("mode", ["real", "fake"])
+def test_compiled_parts_run_as_written_and_dynamo_never_traces_the_counter(shell, mode):
+    """The FLOP counter's dispatch handler is not wrapped in torch's dynamo switch (that wrapper
+    imports torch._dynamo on first use); dynamo must still skip it and what it calls while a
+    compiled part runs, or it would compile torchmagic's own frames."""
+    from torch._dynamo.utils import counters
+
+    part = nn.Sequential(nn.Linear(1350, 1350), torch.compile(nn.Linear(1350, 10), backend="eager"))
+    bind(shell, in_forward=CompilesInForward(), part=part, plain=zoo.Net())
+    before = {k: dict(v) for k, v in counters.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that global module hooks fire twice for a compiled module
+        t = shell.run(f"%shapes in_forward 1,1,32,32 --mode {mode}")
+        p = shell.run(f"%shapes part 1,1350 --mode {mode}")
+    assert {k: dict(v) for k, v in counters.items()} == before
+    plain = shell.run(f"%shapes plain 1,1,32,32 --mode {mode}")
+    assert t.ok and t.flops == plain.flops and t.rows[-1].outputs == "[1, 10]"
+    assert p.ok and p.flops == 2 * 1350 * (1350 + 10) and p.rows[0].outputs == "[1, 10]"
 
 
 def test_dtensor_parameters_get_a_clear_message(shell):

@@ -32,6 +32,13 @@ try:
     from torch.utils.flop_counter import flop_registry, sdpa_flop_count
 
     UNAVAILABLE = "" if _VERSION >= TESTED[0] else f"torch {torch.__version__} is older than 2.1"
+    try:  # dynamo's switch per code object (recent torch), in torch's C extension: no import of torch._dynamo
+        from torch._C._dynamo.eval_frame import _FrameAction, _FrameExecStrategy
+        from torch._C._dynamo.eval_frame import set_code_exec_strategy as _set_code_exec_strategy
+
+        _SKIP_WITH_CALLEES = _FrameExecStrategy(_FrameAction.SKIP, _FrameAction.SKIP)
+    except (ImportError, AttributeError, TypeError):
+        _SKIP_WITH_CALLEES = None
 except ImportError as e:  # a torch that moved its private API: real mode still works
     UNAVAILABLE = f"torch {torch.__version__} has no usable FakeTensorMode ({e})"
     FakeTensor = FakeTensorMode = TorchDispatchMode = None
@@ -262,6 +269,15 @@ if TorchDispatchMode is not None:
         In a fake or meta forward each op runs through the Shadow (one dispatch mode, not two: each
         costs time on every op)."""
 
+        @classmethod
+        def _should_skip_dynamo(cls) -> bool:
+            """torch wraps a mode's __torch_dispatch__ (torch._disable_dynamo) so that a running
+            torch.compile skips it and everything it calls; the wrapper's first call imports
+            torch._dynamo (1-1.3 s and some 800 modules, sympy among them), which a real forward does
+            not need. Where torch lets a code object be marked skipped (below), that does the same
+            without the import, so the wrapper is left out."""
+            return _SKIP_WITH_CALLEES is None
+
         def __init__(self, on_op, shadow: Shadow | None = None):
             super().__init__()
             self.on_op = on_op
@@ -287,6 +303,9 @@ if TorchDispatchMode is not None:
             if flops or nbytes:
                 self.on_op(int(flops), nbytes)
             return out
+
+    if _SKIP_WITH_CALLEES is not None:  # a compiled module or function in the forward: dynamo skips the counter
+        _set_code_exec_strategy(Counter.__torch_dispatch__.__code__, _SKIP_WITH_CALLEES)
 
     def _sdpa_cpu_flops(*args, out_val=None, **kwargs):
         return sdpa_flop_count(args[0].shape, args[1].shape, args[2].shape)

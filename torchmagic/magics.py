@@ -1,5 +1,8 @@
 """The magics: parse the line, look up names in the user namespace, call one core function,
-return its result. Only this module and ui.py import IPython."""
+return its result. Only this module and ui.py import IPython.
+
+Each magic imports the core modules it uses when it first runs, so that `%load_ext torchmagic`
+imports this module alone (python bench/startup.py measures it)."""
 from __future__ import annotations
 
 import ast
@@ -19,13 +22,9 @@ from IPython.display import display
 from torch import nn
 from traitlets import Bool, Enum, Int, observe
 
-from . import devices, finetune, memory, plan, render, summary, tracing, training, ui
 from .compat import running_cell_number
 from .errors import TorchMagicError, one_line
-from .inputs import ShapeSpec
-from .parsing import looks_like_shape, parse_shape, split_line
-from .render import nbytes as render_size
-from .results import ExplainedError, MemoryHistory, MemoryStatus
+from .parsing import AMP_DTYPES, SHAPE_MODES, SHARDS, looks_like_shape, parse_shape, split_line
 
 
 def usage_errors(func):
@@ -58,7 +57,7 @@ class TorchMagics(Magics):
     widgets = Bool(True, help="Show ipywidgets controls in a Jupyter kernel (False: text results only).").tag(config=True)
     memory_min_change = Int(1 << 20, help="With %memory on, show a line after a cell only when it changed or "
                                           "peaked memory by at least this many bytes (0: after every cell).").tag(config=True)
-    shape_mode = Enum(list(tracing.MODES), "auto", help="How %shapes runs the forward: auto, real, fake (no compute, "
+    shape_mode = Enum(list(SHAPE_MODES), "auto", help="How %shapes runs the forward: auto, real, fake (no compute, "
                       "no memory) or meta (models built on the meta device).").tag(config=True)
     text_width = Int(0, help="Width of text tables in characters (0: the terminal's width, or 120 where it is "
                             "unknown). Long values are elided in the middle to fit; print() a result shows them "
@@ -68,15 +67,18 @@ class TorchMagics(Magics):
         super().__init__(shell=shell, **kwargs)
         self.selected_device: str | None = None
         self._ledgers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> StepLedger
-        self._meter: memory.CellMeter | None = None  # set while %memory is on
+        self._meter = None  # a memory.CellMeter while %memory is on
         self._memory_history: collections.deque = collections.deque(maxlen=1000)
         self._configure_width()
 
     @observe("text_width")
     def _configure_width(self, change=None):
-        from IPython.terminal.interactiveshell import TerminalInteractiveShell
+        from . import render
 
-        render.configure(width=max(self.text_width, 0), terminal=isinstance(self.shell, TerminalInteractiveShell))
+        # A terminal shell has imported its module (and prompt_toolkit): importing it here would cost a kernel 80 ms.
+        terminal = sys.modules.get("IPython.terminal.interactiveshell")
+        render.configure(width=max(self.text_width, 0),
+                         terminal=terminal is not None and isinstance(self.shell, terminal.TerminalInteractiveShell))
 
     def close(self):
         """Called when the extension is unloaded: remove the event handlers this instance registered."""
@@ -125,6 +127,8 @@ class TorchMagics(Magics):
         return value
 
     def _inputs(self, texts: list[str]) -> list:
+        from .inputs import ShapeSpec
+
         return [ShapeSpec(parse_shape(t)) if looks_like_shape(t) else self._eval(t) for t in texts]
 
     # ------------------------------------------------------------ %device
@@ -145,6 +149,8 @@ class TorchMagics(Magics):
         Parameters keep their identity (the optimizer still holds them). A move that fails
         part-way, e.g. out of memory, is undone: everything stays where it was.
         """
+        from . import devices
+
         args = self._parse(self.device, line)
         if args.target is None:
             return devices.device_report(self.selected_device)
@@ -167,13 +173,13 @@ class TorchMagics(Magics):
     @argument("--optimizer", default=None, metavar="NAME", help="plan: adamw (default), adam, sgd, or your optimizer's "
                                                                "name (its class, param groups and settings)")
     @argument("--dtype", default=None, help="plan: the parameters' dtype, float32, bfloat16 or float16 (default: the model's)")
-    @argument("--amp", default=None, choices=list(plan.AMP), help="plan: the forward under autocast in bf16 or fp16")
+    @argument("--amp", default=None, choices=list(AMP_DTYPES), help="plan: the forward under autocast in bf16 or fp16")
     @argument("--device", default=None, help="plan: for this device (cuda, cuda:N, cpu); its total memory is the budget")
     @argument("--budget", default=None, help="plan: the memory to fit in, e.g. 24GB (GB: 2**30 bytes); says whether the "
                                              "step fits and the largest batch that does")
     @argument("--checkpointing", action="store_true", help="plan: activation checkpointing of the repeated blocks")
     @argument("--devices", type=int, default=1, metavar="N", help="plan: per device, on N devices (with --shard)")
-    @argument("--shard", default=None, choices=list(plan.SHARDS), help="plan: ddp (replicated), fsdp or zero2 (sharded)")
+    @argument("--shard", default=None, choices=list(SHARDS), help="plan: ddp (replicated), fsdp or zero2 (sharded)")
     @line_magic
     @usage_errors
     def memory(self, line):
@@ -195,6 +201,8 @@ class TorchMagics(Magics):
         A plan computes nothing and allocates no activation; the model, optimizer and RNG stay as
         they were. %%trainstep MODEL OPT --plan plans your own cell.
         """
+        from .results import MemoryStatus
+
         args = self._parse(self.memory, line)
         action = args.action
         if action == "plan":
@@ -221,6 +229,8 @@ class TorchMagics(Magics):
         return self._memory_report()
 
     def _memory_plan(self, args):
+        from . import plan
+
         if not args.plan_args:
             raise TorchMagicError("give the model and its input, e.g. %memory plan net 64,1,32,32")
         model = self._module(args.plan_args[0])
@@ -237,12 +247,16 @@ class TorchMagics(Magics):
                                 shard=args.shard)
 
     def _memory_start(self):
+        from . import memory
+        from .render import nbytes
+        from .results import MemoryStatus
+
         if self._meter is not None:
             return MemoryStatus("memory reporting is already on", self._meter.describe())
         self._meter = memory.CellMeter()
         self.shell.events.register("pre_run_cell", self._memory_pre)
         self.shell.events.register("post_run_cell", self._memory_post)
-        threshold = render_size(self.memory_min_change)
+        threshold = nbytes(self.memory_min_change)
         return MemoryStatus(f"memory reporting on: a line after each cell that changes memory by {threshold} or more",
                             [*self._meter.describe(), "%memory shows the history, %memory off stops"])
 
@@ -279,19 +293,27 @@ class TorchMagics(Magics):
             display(record)
 
     def _memory_failed(self, error: Exception):
+        from .results import MemoryStatus
+
         self._memory_stop()
         display(MemoryStatus(f"%memory turned itself off: measuring failed with {type(error).__name__}: {error}"))
 
-    def _memory_report(self) -> MemoryHistory:
+    def _memory_report(self):
+        from . import memory
+        from .render import nbytes
+        from .results import MemoryHistory
+
         notes = [] if self._memory_history else ["nothing measured yet: %memory on starts measuring every cell"]
         count, size = memory.tensors_held_by(getattr(sys, "last_value", None))
         if count:
-            notes.append(f"the last error keeps {count} tensor{'s' if count != 1 else ''} ({render_size(size)}) alive "
+            notes.append(f"the last error keeps {count} tensor{'s' if count != 1 else ''} ({nbytes(size)}) alive "
                          f"in its traceback: %memory release frees them")
         measures = self._meter.describe() if self._meter is not None else []
         return MemoryHistory(list(self._memory_history), on=self._meter is not None, measures=measures, notes=notes)
 
     def _memory_release(self):
+        from . import memory
+
         last = getattr(self.shell, "last_execution_result", None)
         tb_printer = getattr(self.shell, "InteractiveTB", None)
         if getattr(tb_printer, "tb", None) is not None:
@@ -305,7 +327,7 @@ class TorchMagics(Magics):
     @argument("inputs", nargs="*", help="one or more inputs: a shape like 1,3,32,32 (a tensor is made on the "
                                         "model's device and dtype) or an expression (tensor, tuple, dict of kwargs)")
     @argument("--depth", type=int, default=None, help="show module calls up to this nesting depth (model = 0)")
-    @argument("--mode", choices=tracing.MODES, default=None,
+    @argument("--mode", choices=SHAPE_MODES, default=None,
               help="auto (default: %%config TorchMagics.shape_mode), real, fake (fake tensors: no compute, no "
                    "memory, any device) or meta (for models built on the meta device)")
     @argument("--ops", action="store_true", help="also show the tensor operations between modules "
@@ -332,6 +354,8 @@ class TorchMagics(Magics):
             loss = criterion(out, y)
         """
         __tracebackhide__ = True  # noqa: F841
+        from . import tracing
+
         if cell is not None:
             return self._shapes_cell(line, cell)
         if not line.strip():
@@ -348,6 +372,8 @@ class TorchMagics(Magics):
     def _shapes_cell(self, line, cell):
         """Errors in the cell are the user's: the table of what ran shows first, then the traceback."""
         __tracebackhide__ = True  # noqa: F841
+        from . import tracing
+
         args = self._parse(self.shapes, line)
         if args.model or args.mode:
             raise TorchMagicError("%%shapes traces the cell as it runs, with --ops and --depth only; "
@@ -382,6 +408,8 @@ class TorchMagics(Magics):
             %summary net
             %summary net 1,1,32,32          # with each layer's output shape and the FLOPs
         """
+        from . import summary
+
         if not line.strip():
             raise TorchMagicError("give the model, e.g. %summary net")
         args = self._parse(self.summary, line)
@@ -422,6 +450,8 @@ class TorchMagics(Magics):
         a learning-rate slider per param group, Step, Try (preview, then undone) and Undo.
         """
         __tracebackhide__ = True  # noqa: F841
+        from . import training, ui
+
         args = self._parse(self.trainstep, line)
         model = self._module(args.model)
         optimizer = self._eval(args.optimizer)
@@ -458,6 +488,8 @@ class TorchMagics(Magics):
     def _trainstep_plan(self, args, model, optimizer, cell):
         """The cell runs in a copy of the namespace in which the optimizer's name is its stand-in."""
         __tracebackhide__ = True  # noqa: F841
+        from . import plan
+
         if args.lr is not None or args.steps != 1 or args.eval or args.sweep is not None:
             raise TorchMagicError("--plan takes no --lr, --steps, --eval or --sweep: it plans one step of the cell; "
                                   "give --plan alone, or with --budget")
@@ -477,6 +509,8 @@ class TorchMagics(Magics):
         return _user_call(body.filename, self.shell.user_ns, planned, model, optimizer, run)
 
     def _sweep_rates(self, args) -> list[float]:
+        from . import training
+
         if args.lr is not None or args.steps != 1 or args.eval:
             raise TorchMagicError("--sweep takes no --lr, --steps or --eval: it tries every rate from LO to HI itself")
         lo, hi = _parse_rates(args.sweep, "--sweep", "--sweep 1e-5:1", sep=":")
@@ -547,6 +581,8 @@ class TorchMagics(Magics):
         return self._set_trainable(self.unfreeze, line, trainable=True)
 
     def _set_trainable(self, magic, line, *, trainable):
+        from . import finetune
+
         name = magic.__name__
         if not line.strip():
             raise TorchMagicError(f"give the model or submodule, e.g. %{name} net.conv1 or %{name} net conv1")
@@ -600,6 +636,9 @@ def _user_call(filename, ns, fn, *args):
     except (TorchMagicError, KeyboardInterrupt):
         raise
     except Exception as e:
+        from . import tracing
+        from .results import ExplainedError
+
         failure = tracing.explain_traceback(e, tracing.namespace_names(ns))
         if failure is not None:
             display(ExplainedError(failure))

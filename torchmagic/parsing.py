@@ -9,6 +9,10 @@ from .errors import TorchMagicError
 
 # A generated input larger than this many elements is refused before anything is allocated.
 MAX_INPUT_ELEMENTS = 2**31
+# The choices of options, here so that the magics' parsers are built without importing the core.
+SHAPE_MODES = ("auto", "real", "fake", "meta")  # %shapes --mode
+AMP_DTYPES = ("bf16", "fp16")  # %memory plan --amp
+SHARDS = ("ddp", "fsdp", "zero2")  # %memory plan --shard
 
 _SHAPE_CHARS = re.compile(r"^[\s\d,()\[\]x.eE+\-_]+$")
 _OPEN = "([{"

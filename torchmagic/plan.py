@@ -39,6 +39,7 @@ from . import fake
 from .errors import TorchMagicError
 from .guard import model_preserved
 from .inputs import ShapeSpec, first_leaf, model_device_dtype
+from .parsing import AMP_DTYPES, SHARDS
 from .render import nbytes
 from .results import MemoryPlan, PlanModule, span
 
@@ -53,8 +54,7 @@ PHASES = ("forward", "backward", "optimizer step")
 OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD"}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
-SHARDS = ("ddp", "fsdp", "zero2")
+AMP = dict(zip(AMP_DTYPES, (torch.bfloat16, torch.float16)))
 CUDA_BLOCK = 512  # the CUDA caching allocator hands out multiples of this many bytes
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
           "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}

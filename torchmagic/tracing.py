@@ -18,11 +18,11 @@ from . import explain, fake, render
 from .errors import TorchMagicError
 from .guard import interrupts_deferred, model_preserved
 from .inputs import ShapeSpec, build_call, first_leaf, model_device_dtype
-from .parsing import format_shape
+from .parsing import SHAPE_MODES, format_shape
 from .results import ShapeFailure, ShapeRow, ShapeTrace
 
 _MAX_ITEMS = 8  # items of a list/tuple/dict shown before "…"
-MODES = ("auto", "real", "fake", "meta")
+MODES = SHAPE_MODES
 REAL_LIMIT = 1_000_000  # auto runs a real forward below this many parameters and input elements (on CPU)
 
 
