@@ -1,19 +1,24 @@
 """%%trainstep against the hand-written step it replaces, same model, batch and run.
 
-    python bench/trainstep.py [--quick] [--models net,mlp,gpt2] [--gpt2 small|mini]
+    python bench/trainstep.py [--quick] [--models net,mlp,gpt2] [--steps 40] [--gpt2-steps 10] [--threads 1]
 
-For each model and optimizer (SGD, AdamW), steps alternate between the two ways (so that drift on
-a shared machine hits both alike) and the medians are compared:
-  hand   opt.zero_grad(); loss = criterion(model(x), y); loss.backward(); opt.step()
-  core   the step %%trainstep runs (transaction, undo point not kept, per-parameter norms on)
-  cell   a real IPython shell: the %%trainstep cell vs the hand-written cell, both with run_cell,
-         the trainstep result formatted as text and HTML as a front end would
-The ratio is median(trainstep) / median(hand); the target is at most 1.05. The ratio of the
-minimum times is printed too: on a busy machine it is the steadier of the two.
+Cases (the issue's): the reference notes' Net with SGD (batch 1), an MLP 784-1024-1024-10 with
+AdamW (batch 64), GPT-2 small from transformers' default config with random weights and AdamW
+(1 x 64 tokens, loss = the model's own). Each comparison alternates the two ways (a, b, a, b, ...)
+so that drift on a shared machine hits both alike, and prints the median of each and the median
+ratio with the spread of the per-pair ratios (25th to 75th percentile):
+
+  step    the core of one %%trainstep step (the transaction, per-parameter norms, the undo point
+          kept as in a notebook) against  opt.zero_grad(); loss = ...; loss.backward(); opt.step()
+  cell    a real IPython shell: the %%trainstep cell against the hand-written cell, both run_cell,
+          the result formatted as text and HTML as a front end would. Target: at most 1.2x.
+  steps   `%%trainstep model opt --steps N` against a cell looping N times by hand (the progress
+          bar is drawn to /dev/null). Target: at most 1.05x.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -26,6 +31,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from torchmagic import training  # noqa: E402
+
+CELL_TARGET, STEPS_TARGET = 1.2, 1.05
 
 
 class Net(nn.Module):
@@ -45,68 +52,33 @@ def mlp():
     return nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
 
 
-class Block(nn.Module):
-    def __init__(self, d, heads):
-        super().__init__()
-        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-        self.heads = heads
-
-    def forward(self, x):
-        b, t, d = x.shape
-        q, k, v = self.attn(self.ln_1(x)).split(d, dim=2)
-        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
-        x = x + self.proj(a)
-        return x + self.out(F.gelu(self.fc(self.ln_2(x)), approximate="tanh"))
-
-
-class GPT2(nn.Module):
-    """GPT-2 written by hand: token and position embeddings, pre-LN blocks, tied LM head."""
-
-    def __init__(self, layers=12, d=768, heads=12, vocab=50257, ctx=1024):
-        super().__init__()
-        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
-        self.h = nn.ModuleList(Block(d, heads) for _ in range(layers))
-        self.ln_f = nn.LayerNorm(d)
-        self.lm_head = nn.Linear(d, vocab, bias=False)
-        self.lm_head.weight = self.wte.weight
-
-    def forward(self, idx):
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
-        for block in self.h:
-            x = block(x)
-        return self.lm_head(self.ln_f(x))
-
-
-def cases(names, gpt2_size):
+def cases(names):
+    """(title, model, optimizer, namespace, loss expression)."""
     torch.manual_seed(0)
     if "net" in names:
-        yield "notes Net, batch 1", Net(), torch.randn(1, 1, 32, 32), torch.randn(1, 10), nn.MSELoss()
+        model = Net()
+        yield ("notes Net, batch 1, SGD", model, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9),
+               dict(x=torch.randn(1, 1, 32, 32), y=torch.randn(1, 10), criterion=nn.MSELoss()), "criterion(model(x), y)")
     if "mlp" in names:
-        yield "MLP 784-1024-1024-10, batch 64", mlp(), torch.randn(64, 784), torch.randint(0, 10, (64,)), nn.CrossEntropyLoss()
+        model = mlp()
+        yield ("MLP 784-1024-1024-10, batch 64, AdamW", model, torch.optim.AdamW(model.parameters(), lr=1e-4),
+               dict(x=torch.randn(64, 784), y=torch.randint(0, 10, (64,)), criterion=nn.CrossEntropyLoss()),
+               "criterion(model(x), y)")
     if "gpt2" in names:
-        cfg = dict(small=dict(layers=12, d=768, heads=12), mini=dict(layers=4, d=256, heads=4))[gpt2_size]
-        model = GPT2(**cfg)
-        tokens = torch.randint(0, 50257, (1, 65))
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers.utils import logging
 
-        def lm_loss(logits, target):
-            return F.cross_entropy(logits.view(-1, logits.shape[-1]), target.view(-1))
-
+        logging.set_verbosity_error()
+        model = GPT2LMHeadModel(GPT2Config()).train()  # GPT-2 small's sizes, random weights: nothing downloaded
         n = sum(p.numel() for p in model.parameters())
-        yield (f"GPT-2 {gpt2_size} ({cfg['layers']} layers, d={cfg['d']}, {n / 1e6:.0f}M params), batch 1x64 tokens",
-               model, tokens[:, :-1], tokens[:, 1:], lm_loss)
+        yield (f"GPT-2 small ({n / 1e6:.0f}M params), 1x64 tokens, AdamW", model,
+               torch.optim.AdamW(model.parameters(), lr=1e-4), dict(x=torch.randint(0, 50257, (1, 64))),
+               "model(x, labels=x).loss")
 
 
-def optimizers(model):
-    yield "SGD", torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    yield "AdamW", torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-
-def interleaved(a, b, reps, warmup=2):
-    """(median a, median b, min a, min b). On a shared machine the minimum is the steadier
-    estimate of what each costs; both are reported."""
+def interleaved(a, b, reps, warmup=1):
+    """Per-pair times of a and b, alternating."""
     for _ in range(warmup):
         a(), b()
     ta, tb = [], []
@@ -115,55 +87,87 @@ def interleaved(a, b, reps, warmup=2):
             t0 = time.perf_counter()
             f()
             out.append(time.perf_counter() - t0)
-    return statistics.median(ta), statistics.median(tb), min(ta), min(tb)
+    return ta, tb
 
 
-def shell_for(model, opt, x, y, criterion):
+def summary(ta, tb, target=None) -> str:
+    """Both medians, the median ratio and the spread of the per-pair ratios."""
+    ratios = sorted(b / a for a, b in zip(ta, tb))
+    q1, q3 = (statistics.quantiles(ratios, n=4)[0::2] if len(ratios) > 1 else (ratios[0], ratios[0]))
+    verdict = "" if target is None else ("  ok" if statistics.median(ratios) <= target else f"  over {target}x")
+    return (f"{statistics.median(ta) * 1e3:10.2f} {statistics.median(tb) * 1e3:10.2f} "
+            f"{statistics.median(ratios):6.3f}x ({q1:.3f}-{q3:.3f}){verdict}")
+
+
+def shell_for(model, opt, ns):
     from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
 
     InteractiveShell.clear_instance()
-    ip = InteractiveShell.instance()
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"
+    ip = InteractiveShell.instance(config=config)
     ip.display_formatter.active_types = ["text/plain", "text/html"]
     ip.displayhook.write_output_prompt = lambda *a, **k: None  # format the result, print nothing
     ip.displayhook.write_format_data = lambda *a, **k: None
     ip.run_line_magic("load_ext", "torchmagic")
-    ip.user_ns.update(model=model, opt=opt, x=x, y=y, criterion=criterion)
+    ip.user_ns.update(ns, model=model, opt=opt)
     return ip
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """tqdm draws its bar on stderr: to /dev/null here, as a terminal would take it."""
+    saved = sys.stderr
+    with open(os.devnull, "w") as null:
+        sys.stderr = null
+        try:
+            yield
+        finally:
+            sys.stderr = saved
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="net,mlp,gpt2")
-    ap.add_argument("--gpt2", default="small", choices=["small", "mini"])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--no-cell", action="store_true", help="skip the run_cell comparison")
+    ap.add_argument("--steps", type=int, default=40, help="N of the --steps comparison (Net, MLP)")
+    ap.add_argument("--gpt2-steps", type=int, default=10, help="N of the --steps comparison for GPT-2 small")
+    ap.add_argument("--only", default="step,cell,steps", help="which comparisons")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
-    print(f"{'model':58} {'opt':6} {'hand ms':>9} {'core ms':>9} {'ratio':>6} {'min ratio':>9} "
-          f"{'cell ms':>9} {'cell ratio':>10} {'min':>6}")
-    for title, model, x, y, criterion in cases(args.models.split(","), args.gpt2):
+    only = args.only.split(",")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu, "
+          f"load average {os.getloadavg()[0]:.2f}")
+    print(f"{'case':48} {'compared':26} {'hand ms':>10} {'ours ms':>10} {'ratio':>7} (spread)")
+    for title, model, opt, ns, loss in cases(args.models.split(",")):
         big = "GPT" in title
-        reps = (3 if args.quick else 7) if big else (30 if args.quick else 200)
-        for opt_name, opt in optimizers(model):
-            def hand():
-                opt.zero_grad()
-                loss = criterion(model(x), y)
-                loss.backward()
-                opt.step()
+        reps = (3 if args.quick else 7) if big else (20 if args.quick else 100)
+        scope = dict(ns, model=model)
 
-            session = training.StepSession(model, opt, lambda: criterion(model(x), y), None, model_name="model")
-            t_hand, t_core, m_hand, m_core = interleaved(hand, session.step, reps)
-            cell = "—"
-            if not args.no_cell:
-                ip = shell_for(model, opt, x, y, criterion)
-                t_hc, t_tc, m_hc, m_tc = interleaved(
-                    lambda: ip.run_cell("opt.zero_grad()\nloss = criterion(model(x), y)\nloss.backward()\nopt.step()"),
-                    lambda: ip.run_cell("%%trainstep model opt\ncriterion(model(x), y)"), reps)
-                cell = f"{t_tc * 1e3:9.2f} {t_tc / t_hc:9.3f}x {m_tc / m_hc:5.3f}x"
-            print(f"{title:58} {opt_name:6} {t_hand * 1e3:9.2f} {t_core * 1e3:9.2f} {t_core / t_hand:5.3f}x "
-                  f"{m_core / m_hand:8.3f}x {cell}", flush=True)
+        def hand():
+            opt.zero_grad()
+            eval(loss, scope).backward()
+            opt.step()
+
+        if "step" in only:
+            body = lambda: eval(loss, scope)  # noqa: E731
+            session = training.StepSession(model, opt, body, None, model_name="model", keep_undo=True)
+            print(f"{title:48} {'step (core, undo kept)':26} {summary(*interleaved(hand, session.step, reps))}", flush=True)
+        if "cell" in only or "steps" in only:
+            ip = shell_for(model, opt, ns)
+        if "cell" in only:
+            print(f"{title:48} {'cell':26} " + summary(*interleaved(
+                lambda: ip.run_cell(f"opt.zero_grad()\nloss = {loss}\nloss.backward()\nopt.step()"),
+                lambda: ip.run_cell(f"%%trainstep model opt\n{loss}"), reps), CELL_TARGET), flush=True)
+        if "steps" in only:
+            n = args.gpt2_steps if big else args.steps
+            loop = f"for _ in range({n}):\n    opt.zero_grad()\n    loss = {loss}\n    loss.backward()\n    opt.step()"
+            with quiet_stderr():
+                ta, tb = interleaved(lambda: ip.run_cell(loop), lambda: ip.run_cell(f"%%trainstep model opt --steps {n}\n{loss}"),
+                                     max(3, reps // (n // 4 or 1)) if not big else (2 if args.quick else 3))
+            print(f"{title:48} {f'--steps {n}':26} {summary(ta, tb, STEPS_TARGET)}", flush=True)
 
 
 if __name__ == "__main__":

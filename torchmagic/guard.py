@@ -71,6 +71,46 @@ def interrupts_deferred():
             previous(signal.SIGINT, None)  # Python's handler raises KeyboardInterrupt here
 
 
+class InterruptGate:
+    """Ctrl-C during a loop of steps: raised where it lands, as Python's own handler does, except
+    while the gate is shut (optimizer.step() runs): then as soon as it opens again, so that a step
+    is never cut in half. One handler for the whole loop: swapping handlers around every step
+    (interrupts_deferred) costs a tenth of a small model's step."""
+
+    def __init__(self):
+        self.is_shut = False
+        self.pending = False
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        if self.pending and exc[0] is None:  # shut when the loop ended: deliver it now
+            self.open()
+
+    def _handler(self, signum, frame):
+        if self.is_shut:
+            self.pending = True
+        elif callable(self.previous):
+            self.previous(signum, frame)  # Python's handler raises KeyboardInterrupt here
+
+    def shut(self):
+        self.is_shut = True
+
+    def open(self):
+        """Deliver a Ctrl-C that came while shut."""
+        self.is_shut = False
+        if self.pending:
+            self.pending = False
+            if callable(self.previous):
+                self.previous(signal.SIGINT, None)
+
+
 _MISSING = object()
 
 

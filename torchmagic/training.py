@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from .errors import TorchMagicError
-from .guard import RngState, interrupts_deferred
+from .guard import InterruptGate, RngState, interrupts_deferred
 from .results import ParamStep, StepResult, SweepPoint, SweepResult, UndoResult
 from .tracing import param_names
 
@@ -88,6 +89,7 @@ class ParamBackup:
             entries = state[p]
             self.state.append((p, entries, {k: v for k, v in entries.items() if not isinstance(v, torch.Tensor)}))
             sources += [v for v in entries.values() if isinstance(v, torch.Tensor)]
+        self.sources, self.source_versions = sources, [t._version for t in sources]  # before copying: see unchanged()
         copies = _copies(sources, pool)
         self.values, rest = copies[:len(params)], iter(copies[len(params):])
         self.saved = []  # per param: {key: (original, copy)} for tensors, {key: deep copy} for the rest
@@ -122,6 +124,55 @@ class ParamBackup:
     def versions(self) -> list[int]:
         return [p._version for p in self.params]
 
+    def unchanged(self) -> bool:
+        """Nothing was written to what these copies copy since they were made."""
+        return [t._version for t in self.sources] == self.source_versions
+
+    def only(self, params: list[torch.Tensor]) -> ParamBackup | None:
+        """This backup cut down to these parameters (in this order); None unless it has them all."""
+        index = {id(p): i for i, p in enumerate(self.params)}
+        if any(id(p) not in index for p in params):
+            return None
+        picked = [index[id(p)] for p in params]
+        out = copy.copy(self)
+        out.params = list(params)
+        out.values = [self.values[i] for i in picked]
+        out.state = [self.state[i] for i in picked]
+        out.saved = [self.saved[i] for i in picked]
+        return out
+
+
+class CopyAhead:
+    """The copies of what optimizer.step() may change (parameters that require grad, their
+    optimizer state), made in a thread while the cell's forward and backward run on the main one:
+    those change neither parameters nor optimizer state, step() does. On a CPU, where the copy
+    costs a tenth of a step or more and the forward rarely keeps every core busy. take() hands them
+    to the step if they still hold: every parameter with a gradient was copied, and nothing copied
+    was written since (autograd's version counters); otherwise the step copies as without."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, recycle: ParamBackup | None):
+        self.backup: ParamBackup | None = None
+        candidates = [p for p in optimizer_params(optimizer) if p.requires_grad]
+        self.thread = threading.Thread(target=self._copy, args=(optimizer, candidates, recycle), daemon=True,
+                                       name="torchmagic copy ahead")
+        self.thread.start()
+
+    def _copy(self, optimizer, candidates, recycle):
+        try:
+            self.backup = ParamBackup(optimizer, candidates, recycle)
+        except Exception:  # noqa: BLE001  the step makes its own copies then
+            self.backup = None
+
+    def wait(self):
+        """The copy's end (a few milliseconds at most): nothing may reuse its buffers before."""
+        with interrupts_deferred():
+            self.thread.join()
+
+    def take(self, params: list[torch.Tensor]) -> ParamBackup | None:
+        self.wait()
+        backup, self.backup = self.backup, None
+        return backup.only(params) if backup is not None and backup.unchanged() else None
+
 
 def _copies(sources: list[torch.Tensor], pool: dict[int, torch.Tensor]) -> list[torch.Tensor]:
     """A copy of each tensor, into the pool's buffer for it where one fits (one foreach copy)."""
@@ -141,14 +192,34 @@ def _copies(sources: list[torch.Tensor], pool: dict[int, torch.Tensor]) -> list[
     return out
 
 
-class Buffers:
-    """Each buffer's slot and a copy of its values (modules held weakly: a kept undo point does not
-    keep a deleted model alive)."""
+class Parts:
+    """The pieces of a model and its optimizer that a checkpoint covers, listed once (a --steps run
+    lists them once for all its steps). Modules are held weakly: a kept undo point does not keep a
+    deleted model alive."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.params = list(model.parameters())  # each once, tied ones too
+        seen = {id(p) for p in self.params}
+        self.grad_params = self.params + [p for p in optimizer_params(optimizer) if id(p) not in seen]
+        self.modules = [weakref.ref(m) for m in model.modules()]
+        self.buffer_slots = [(ref, name) for ref in self.modules for name in ref()._buffers]
+
+
+class Buffers:
+    """Each buffer's slot and a copy of its values."""
+
+    def __init__(self, model: nn.Module | None = None, slots: list | None = None):
+        if slots is None:
+            slots = [(weakref.ref(m), name) for m in model.modules() for name in m._buffers]
+        self.saved = []
+        if not slots:
+            return
         with torch.no_grad():
-            self.saved = [(weakref.ref(m), name, buf, None if buf is None or buf.device.type == "meta" else buf.clone())
-                          for m in model.modules() for name, buf in m._buffers.items()]
+            for ref, name in slots:
+                m = ref()
+                buf = None if m is None else m._buffers.get(name, _MISSING)
+                if buf is not _MISSING and m is not None:
+                    self.saved.append((ref, name, buf, None if buf is None or buf.device.type == "meta" else buf.clone()))
 
     def restore(self):
         with torch.no_grad():
@@ -165,12 +236,12 @@ class Checkpoint:
     """Everything a step can change (see the module docstring). `backup` is filled by the step
     pre-hook of `Transaction`, right before the optimizer first changes anything."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
-        self.params = list(model.parameters())  # each once, tied ones too
-        seen = {id(p) for p in self.params}
-        self.grads = [(p, p.grad) for p in self.params + [p for p in optimizer_params(optimizer) if id(p) not in seen]]
-        self.modes = [(weakref.ref(m), m.training) for m in model.modules()]
-        self.buffers = Buffers(model)
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, parts: Parts | None = None):
+        parts = parts if parts is not None else Parts(model, optimizer)
+        self.params = parts.params
+        self.grads = [(p, p.grad) for p in parts.grad_params]
+        self.modes = [(ref, m.training) for ref in parts.modules if (m := ref()) is not None]
+        self.buffers = Buffers(slots=parts.buffer_slots)
         self.rng = RngState()
         self.groups = [(g, {k: _copy_setting(v) for k, v in g.items() if k != "params"}) for g in optimizer.param_groups]
         self.optimizer = weakref.ref(optimizer)
@@ -202,7 +273,12 @@ class Checkpoint:
                     optimizer._opt_called = self.opt_called
 
 
+_IMMUTABLE = (float, int, bool, str, type(None))
+
+
 def _copy_setting(v):
+    if type(v) in _IMMUTABLE:  # most settings (lr, momentum, ...): no copy needed, and copy.copy costs a call
+        return v
     return v.clone() if isinstance(v, torch.Tensor) else copy.copy(v)
 
 
@@ -240,8 +316,10 @@ def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """One 0-d norm per tensor with foreach kernels; half precision is reduced in float32."""
     if not tensors:
         return []
-    out: list[torch.Tensor | None] = [None] * len(tensors)
     low = [i for i, t in enumerate(tensors) if t.dtype in (torch.float16, torch.bfloat16)]
+    if not low:
+        return list(torch._foreach_norm(tensors, 2))
+    out: list[torch.Tensor | None] = [None] * len(tensors)
     rest = [i for i, t in enumerate(tensors) if t.dtype not in (torch.float16, torch.bfloat16)]
     for idx, kw in ((low, {"dtype": torch.float32}), (rest, {})):
         if idx:
@@ -252,6 +330,9 @@ def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def _gather(scalars: list[torch.Tensor]) -> list[float]:
     """All 0-d results to Python floats in one host transfer per device (one sync on a GPU)."""
+    device = scalars[0].device
+    if all(s.device == device for s in scalars):
+        return torch.stack(scalars).tolist()  # stack promotes mixed dtypes
     by_device: dict[torch.device, list[int]] = {}
     for i, s in enumerate(scalars):
         by_device.setdefault(s.device, []).append(i)
@@ -304,24 +385,51 @@ class Outcome:
 
 
 class Transaction:
-    """zero_grad, body() -> loss, backward, step, as one unit. See run_step."""
+    """zero_grad, body() -> loss, backward, step, as one unit. See run_step. `copies=False`: no copy
+    of what optimizer.step() changes (the quick steps of a run, see quick_step); begin() starts the
+    next step of such a run."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, model_name: str,
-                 recycle: ParamBackup | None = None, on_recycle: Callable[[], None] | None = None):
+                 recycle: ParamBackup | None = None, on_recycle: Callable[[], None] | None = None,
+                 copies: bool = True, ahead: bool = False):
         self.model, self.optimizer, self.model_name = model, optimizer, model_name
-        self.checkpoint = Checkpoint(model, optimizer)
+        self.parts = Parts(model, optimizer)
+        self.copies = copies
+        self.recycle, self.on_recycle = recycle, on_recycle
+        self.run_undone = False
+        self.on_cpu = all(p.device.type == "cpu" for p in self.parts.grad_params)
+        self.ahead_wanted = ahead and self.on_cpu
+        self.ahead: CopyAhead | None = None
+        self.begin()
+
+    def begin(self):
+        self.checkpoint = Checkpoint(self.model, self.optimizer, self.parts)
         self.cell_steps = 0
         self.ours = False
-        self.recycle, self.on_recycle = recycle, on_recycle
-
-    def _before_step(self, optimizer, args, kwargs):
-        if not self.ours:
-            self.cell_steps += 1
-        if self.checkpoint.backup is None:
-            params = [p for p in optimizer_params(optimizer) if p.grad is not None]
+        self.entered_step = False  # optimizer.step() began: from here on the parameters may be half updated
+        if self.copies and self.ahead_wanted:
             if self.recycle is not None and self.on_recycle is not None:
                 self.on_recycle()  # whatever still counted on the recycled copies must stop now
-            self.checkpoint.backup = ParamBackup(optimizer, params, self.recycle)
+            self.ahead = CopyAhead(self.optimizer, self.recycle)
+
+    def finish(self):
+        """Wait for a copy still running (a step that failed before optimizer.step())."""
+        if self.ahead is not None:
+            self.ahead.wait()
+            self.ahead = None
+
+    def _before_step(self, optimizer, args, kwargs):
+        self.entered_step = True
+        if not self.ours:
+            self.cell_steps += 1
+        if self.copies and self.checkpoint.backup is None:
+            params = [p for p in optimizer_params(optimizer) if p.grad is not None]
+            backup = self.ahead.take(params) if self.ahead is not None else None
+            if backup is None:
+                if self.recycle is not None and self.on_recycle is not None:
+                    self.on_recycle()  # whatever still counted on the recycled copies must stop now
+                backup = ParamBackup(optimizer, params, self.recycle)
+            self.checkpoint.backup = backup
 
     def forward_backward(self, body: Callable[[], object]) -> tuple[torch.Tensor, list[str]]:
         notes = []
@@ -334,12 +442,15 @@ class Transaction:
             loss.backward()
         return loss, notes
 
-    def step(self):
-        if self.cell_steps:
-            return
+    def check_grads(self):
         if not any(p.grad is not None for p in optimizer_params(self.optimizer)):
             raise TorchMagicError(f"backward gave no gradient to the optimizer's parameters: are they all frozen, "
                                   f"or is the loss computed from another model than {self.model_name}?")
+
+    def step(self):
+        if self.cell_steps:
+            return
+        self.check_grads()
         self.ours = True
         try:
             self.optimizer.step()
@@ -380,8 +491,10 @@ def _nonfinite_grads(params: list[torch.Tensor], names: dict[int, str]) -> list[
 def run_step(model: nn.Module, optimizer: torch.optim.Optimizer, body: Callable[[], object], *,
              model_name: str, step_number: int, lrs: list[float] | None = None,
              evaluate: Callable[[], object] | None = None,
-             recycle: ParamBackup | None = None, on_recycle: Callable[[], None] | None = None) -> Outcome:
-    """zero_grad, body() -> loss, backward, step, then per-parameter statistics.
+             recycle: ParamBackup | None = None, on_recycle: Callable[[], None] | None = None,
+             ahead: bool = False) -> Outcome:
+    """zero_grad, body() -> loss, backward, step, then per-parameter statistics. `ahead`: on a CPU,
+    the copies are made while the body and backward run (CopyAhead).
 
     On any failure (an exception in the body, backward, the step or --eval, Ctrl-C) everything
     is put back: parameters, optimizer state, grads, buffers, modes, RNG, learning rates; the
@@ -392,7 +505,7 @@ def run_step(model: nn.Module, optimizer: torch.optim.Optimizer, body: Callable[
     On a GPU all numbers reach the host in one transfer (one sync), and a non-finite gradient is
     found after the step, which is then rolled back. On a CPU, where a transfer costs nothing, the
     gradients are checked before the step, so a skipped step never touches the optimizer."""
-    tx = Transaction(model, optimizer, model_name, recycle, on_recycle)
+    tx = Transaction(model, optimizer, model_name, recycle, on_recycle, ahead=ahead)
     ck = tx.checkpoint
     names = param_names(model)
     checked = False
@@ -445,6 +558,8 @@ def run_step(model: nn.Module, optimizer: torch.optim.Optimizer, body: Callable[
     except BaseException:
         ck.restore()
         raise
+    finally:
+        tx.finish()
     order = {name: i for i, name in enumerate(names.values())}
     group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
     lr_now = group_lrs(optimizer)
@@ -458,6 +573,56 @@ def run_step(model: nn.Module, optimizer: torch.optim.Optimizer, body: Callable[
     result = StepResult(model=model_name, loss=loss_value, grad_norm=_total(gn), lrs=lr_now, step=step_number,
                         notes=notes, params=rows, param_norm=_total(pn), update_norm=_total(un), loss_after=loss_after)
     return Outcome(result, ck)
+
+
+def quick_step(tx: Transaction, body: Callable[[], object], names: dict[int, str], gate: InterruptGate,
+               first: Checkpoint | None, done: Callable[[float], None]) -> tuple[float, str, list[str]]:
+    """A step of a --steps run but its last: what a loop written by hand does (grads set to None,
+    the cell, backward, optimizer.step()) plus the loss and the check for non-finite values, and a
+    checkpoint of what changes before optimizer.step() (grads, buffers, modes, RNG, settings). Of
+    what step() changes, only the run's first step (`first` is None; `tx.copies` on) makes copies.
+
+    An error or Ctrl-C before optimizer.step() undoes this step. Ctrl-C during it is held until it
+    ends and `done(loss)` has recorded it. An error from inside it (the parameters may be half
+    updated) puts back the copies: the whole run is undone (`tx.run_undone`). Returns the loss
+    before the step, why it was skipped ("" when it was taken) and notes."""
+    tx.begin()
+    ck = tx.checkpoint
+    try:
+        loss, notes = tx.forward_backward(body)
+        if tx.cell_steps:  # the cell stepped itself
+            value = _gather([loss.detach().reshape(()).real])[0]
+        else:
+            params = [p for p in optimizer_params(tx.optimizer) if p.grad is not None]
+            norms = _norms([p.grad for p in params])
+            if tx.on_cpu:  # .item() costs nothing there, and less than stacking a small model's few norms
+                value = loss.item().real
+                values = [value] + [n.item() for n in norms]
+            else:
+                values = _gather([loss.detach().reshape(()).real] + norms)  # one transfer, one sync
+                value = values[0]
+            if not math.isfinite(sum(values)):  # inf and NaN survive a sum of norms
+                skipped = _skip_reason(value, params, names, notes)
+                if skipped:
+                    ck.restore()
+                    return value, skipped, notes
+            if not params:
+                tx.check_grads()
+            gate.shut()
+            tx.ours = True
+            tx.optimizer.step()
+            tx.ours = False
+        done(value)
+    except BaseException:
+        gate.is_shut = False
+        if tx.entered_step:
+            (first or ck).restore()
+            tx.run_undone = True
+        else:
+            ck.restore()
+        raise
+    gate.open()
+    return value, "", notes
 
 
 def _finite(values: list[float]) -> bool:
@@ -564,27 +729,40 @@ class StepSession:
         return [str(g.get("name", i)) for i, g in enumerate(self.optimizer.param_groups)]
 
     def step(self, lrs: list[float] | None = None, eval_after: bool = False) -> StepResult:
+        return self._step(lrs, eval_after).result
+
+    def _step(self, lrs: list[float] | None, eval_after: bool) -> Outcome:
+        """One step, and its copies kept for the next step to overwrite. On a CPU the copies are made
+        while the cell runs (CopyAhead), so they may not overwrite the undo point's, which is valid
+        until this step succeeds: in a notebook two sets are kept, the undo point's and a spare one.
+        Elsewhere the copies are made right before optimizer.step() and may reuse the undo point's
+        (then gone, also if the step fails after that)."""
         ledger = self.ledger
+        undo_set = ledger.undo.backup if ledger.undo is not None else None
         spare, ledger.spare = ledger.spare, None
-        recycled = []
+        on_cpu = all(p.device.type == "cpu" for p in optimizer_params(self.optimizer))
+        recycle = None if on_cpu and spare is undo_set else spare
 
         def on_recycle():  # the spare copies are about to be overwritten: an undo point using them is gone
-            recycled.append(True)
             if ledger.undo is not None and ledger.undo.backup is spare:
                 ledger.undo = None
                 ledger.no_undo = "a step that then failed reused the last step's copies"
 
+        stepped = False
         try:
-            outcome = run_step(self.model, self.optimizer, self.body, model_name=self.model_name,
-                               step_number=ledger.count + 1, lrs=lrs, evaluate=self.evaluate if eval_after else None,
-                               recycle=spare, on_recycle=on_recycle)
+            with self._undo_kept():  # a step rolled back wrote the parameters back: the undo point holds
+                outcome = run_step(self.model, self.optimizer, self.body, model_name=self.model_name,
+                                   step_number=ledger.count + 1, lrs=lrs,
+                                   evaluate=self.evaluate if eval_after else None,
+                                   recycle=recycle, on_recycle=on_recycle, ahead=on_cpu)
+                stepped = outcome.result.stepped
         finally:
-            if not recycled:
-                ledger.spare = spare
+            if not stepped:
+                ledger.spare = spare  # its buffers serve the next step
         result = outcome.result
         result.undoable = self.keep_undo and result.stepped
         if not result.stepped:
-            return result
+            return outcome
         result.previous_loss = ledger.history[-1][1] if ledger.history else None
         with interrupts_deferred():
             ledger.count = result.step
@@ -598,29 +776,88 @@ class StepSession:
             ledger.undo_versions = backup.versions() if self.keep_undo and backup else []
             # Kept for the next step to copy into: on a CPU that saves page faults; on a GPU the
             # caching allocator makes fresh copies cheap, so memory is only held for an undo point.
-            on_cpu = backup is not None and all(p.device.type == "cpu" for p in backup.params)
-            ledger.spare = backup if backup is not None and (self.keep_undo or on_cpu) else None
+            if not on_cpu:
+                ledger.spare = backup if self.keep_undo else None
+            elif self.keep_undo:
+                ledger.spare = undo_set if undo_set is not backup else None
+            else:
+                ledger.spare = backup
         ledger.changed()
-        return result
+        return outcome
 
     def steps(self, n: int, lrs: list[float] | None = None, eval_after: bool = False,
               progress: Callable[[Iterable[int]], Iterable[int]] = iter) -> StepResult:
-        """n steps; stops at the first one that is skipped. Ctrl-C keeps the steps done so far."""
-        result = None
-        losses = []
+        """n steps: the last as step() takes one (the copies, the statistics: the result), the ones
+        before as quick_step() takes them, at about the cost of the loop written by hand; the first
+        of those also copies what optimizer.step() changes, the run's way back.
+
+        A stop at step k (an error, Ctrl-C, a non-finite loss or gradient) keeps the steps before k
+        and undoes step k. Ctrl-C while optimizer.step() runs stops the run after that step. An
+        error from inside optimizer.step() (it may leave parameters half updated) undoes the last
+        step alone, and any other step the whole run."""
+        model, optimizer, ledger = self.model, self.optimizer, self.ledger
+        start = ledger.count, len(ledger.history)
+        spare, ledger.spare = ledger.spare, None
+        names = param_names(model)
+        losses: list[float] = []
+        result, first, finished = None, None, False
+        keep_undo = self.keep_undo
+
+        def on_recycle():  # the first step overwrites the last step's copies: an undo point using them is gone
+            if ledger.undo is not None and ledger.undo.backup is spare:
+                ledger.undo, ledger.no_undo = None, "a step that then failed reused the last step's copies"
+
+        tx = Transaction(model, optimizer, self.model_name, recycle=spare, on_recycle=on_recycle)
+
+        def done(loss: float):  # right after optimizer.step(), Ctrl-C held
+            ledger.count += 1
+            ledger.history.append((ledger.count, loss, float(optimizer.param_groups[0]["lr"])))
+            if first is None:  # the run's first step: its copies are the undo point of the step
+                backup = tx.checkpoint.backup
+                ledger.undo = tx.checkpoint if keep_undo else None
+                ledger.undo_versions = backup.versions() if keep_undo and backup else []
+                ledger.undo_loss = loss
+                ledger.no_undo = "" if keep_undo else \
+                    f"step {ledger.count} was taken without an undo point (by %%trainstep with --no-widget)"
+
         bar = progress(range(n))
         try:
-            for i in bar:
-                result = self.step(lrs if i == 0 else None, eval_after=eval_after and i == n - 1)
-                if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{result.loss:.4g}")
-                if not result.stepped:
-                    result.notes.append(f"stopped at step {i + 1} of {n}")
-                    break
-                losses.append(result.loss)
+            set_lrs(optimizer, lrs)
+            with InterruptGate() as gate, tx.watching():
+                for i in bar:
+                    if i < n - 1:
+                        loss, skipped, notes = quick_step(tx, self.body, names, gate, first, done)
+                        if first is None:
+                            first, tx.copies = tx.checkpoint, False
+                        if skipped:
+                            result = _skipped(self.model_name, loss, optimizer, ledger.count + 1, skipped, notes)
+                    else:  # the last step: copies into the first step's, statistics
+                        ledger.spare = first.backup if first is not None else spare
+                        result = self._step(None, eval_after).result
+                        loss, skipped = result.loss, result.skipped
+                    if skipped:
+                        result.notes.append(f"stopped at step {i + 1} of {n}")
+                        break
+                    losses.append(loss)
+                    if hasattr(bar, "postfix"):
+                        bar.postfix = f"loss={loss:.4g}"  # shown at tqdm's next refresh (set_postfix redraws)
+                else:
+                    finished = True
         finally:
             if hasattr(bar, "close"):
                 bar.close()
+            if not finished:
+                if ledger.spare is None:  # the copies stay for the next step to reuse
+                    ledger.spare = first.backup if first is not None and first.backup is not None else spare
+                if tx.run_undone:
+                    ledger.count = start[0]
+                    del ledger.history[start[1]:]
+                    ledger.undo, ledger.no_undo = None, "the last --steps run was undone, whole"
+                elif ledger.count - start[0] > 1:  # its last step was not its first: it made no copies
+                    ledger.undo, ledger.no_undo = None, (f"step {ledger.count} was a middle step of a --steps run, "
+                                                         f"which keeps no copies: Undo goes back over a run's first "
+                                                         f"or last step")
+            ledger.changed()
         if len(losses) > 1:
             result.notes.insert(0, f"{len(losses)} steps: loss {losses[0]:.4g} -> {losses[-1]:.4g} (before each step)")
         return result
@@ -671,15 +908,15 @@ class StepSession:
 
     @contextlib.contextmanager
     def _undo_kept(self):
-        """A preview or sweep writes the parameters and puts them back, which bumps their version
-        counters: the undo point stays valid if it was valid before."""
+        """A preview, a sweep or a step rolled back writes the parameters and puts them back, which
+        bumps their version counters: the undo point stays valid if it was valid before."""
         ledger = self.ledger
         valid = ledger.undo is not None and ledger.undo.backup is not None and \
             ledger.undo.backup.versions() == ledger.undo_versions
         try:
             yield
         finally:
-            if valid:
+            if valid and ledger.undo is not None:  # (a step that reused its copies ends it)
                 ledger.undo_versions = ledger.undo.backup.versions()
 
 
