@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import threading
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -89,7 +88,6 @@ class ParamBackup:
             entries = state[p]
             self.state.append((p, entries, {k: v for k, v in entries.items() if not isinstance(v, torch.Tensor)}))
             sources += [v for v in entries.values() if isinstance(v, torch.Tensor)]
-        self.sources, self.source_versions = sources, [t._version for t in sources]  # before copying: see unchanged()
         copies = _copies(sources, pool)
         self.values, rest = copies[:len(params)], iter(copies[len(params):])
         self.saved = []  # per param: {key: (original, copy)} for tensors, {key: deep copy} for the rest
@@ -123,55 +121,6 @@ class ParamBackup:
 
     def versions(self) -> list[int]:
         return [p._version for p in self.params]
-
-    def unchanged(self) -> bool:
-        """Nothing was written to what these copies copy since they were made."""
-        return [t._version for t in self.sources] == self.source_versions
-
-    def only(self, params: list[torch.Tensor]) -> ParamBackup | None:
-        """This backup cut down to these parameters (in this order); None unless it has them all."""
-        index = {id(p): i for i, p in enumerate(self.params)}
-        if any(id(p) not in index for p in params):
-            return None
-        picked = [index[id(p)] for p in params]
-        out = copy.copy(self)
-        out.params = list(params)
-        out.values = [self.values[i] for i in picked]
-        out.state = [self.state[i] for i in picked]
-        out.saved = [self.saved[i] for i in picked]
-        return out
-
-
-class CopyAhead:
-    """The copies of what optimizer.step() may change (parameters that require grad, their
-    optimizer state), made in a thread while the cell's forward and backward run on the main one:
-    those change neither parameters nor optimizer state, step() does. On a CPU, where the copy
-    costs a tenth of a step or more and the forward rarely keeps every core busy. take() hands them
-    to the step if they still hold: every parameter with a gradient was copied, and nothing copied
-    was written since (autograd's version counters); otherwise the step copies as without."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, recycle: ParamBackup | None):
-        self.backup: ParamBackup | None = None
-        candidates = [p for p in optimizer_params(optimizer) if p.requires_grad]
-        self.thread = threading.Thread(target=self._copy, args=(optimizer, candidates, recycle), daemon=True,
-                                       name="torchmagic copy ahead")
-        self.thread.start()
-
-    def _copy(self, optimizer, candidates, recycle):
-        try:
-            self.backup = ParamBackup(optimizer, candidates, recycle)
-        except Exception:  # noqa: BLE001  the step makes its own copies then
-            self.backup = None
-
-    def wait(self):
-        """The copy's end (a few milliseconds at most): nothing may reuse its buffers before."""
-        with interrupts_deferred():
-            self.thread.join()
-
-    def take(self, params: list[torch.Tensor]) -> ParamBackup | None:
-        self.wait()
-        backup, self.backup = self.backup, None
-        return backup.only(params) if backup is not None and backup.unchanged() else None
 
 
 def _copies(sources: list[torch.Tensor], pool: dict[int, torch.Tensor]) -> list[torch.Tensor]:
@@ -391,15 +340,13 @@ class Transaction:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, model_name: str,
                  recycle: ParamBackup | None = None, on_recycle: Callable[[], None] | None = None,
-                 copies: bool = True, ahead: bool = False):
+                 copies: bool = True):
         self.model, self.optimizer, self.model_name = model, optimizer, model_name
         self.parts = Parts(model, optimizer)
         self.copies = copies
         self.recycle, self.on_recycle = recycle, on_recycle
         self.run_undone = False
         self.on_cpu = all(p.device.type == "cpu" for p in self.parts.grad_params)
-        self.ahead_wanted = ahead and self.on_cpu
-        self.ahead: CopyAhead | None = None
         self.begin()
 
     def begin(self):
@@ -407,16 +354,6 @@ class Transaction:
         self.cell_steps = 0
         self.ours = False
         self.entered_step = False  # optimizer.step() began: from here on the parameters may be half updated
-        if self.copies and self.ahead_wanted:
-            if self.recycle is not None and self.on_recycle is not None:
-                self.on_recycle()  # whatever still counted on the recycled copies must stop now
-            self.ahead = CopyAhead(self.optimizer, self.recycle)
-
-    def finish(self):
-        """Wait for a copy still running (a step that failed before optimizer.step())."""
-        if self.ahead is not None:
-            self.ahead.wait()
-            self.ahead = None
 
     def _before_step(self, optimizer, args, kwargs):
         self.entered_step = True
@@ -424,12 +361,9 @@ class Transaction:
             self.cell_steps += 1
         if self.copies and self.checkpoint.backup is None:
             params = [p for p in optimizer_params(optimizer) if p.grad is not None]
-            backup = self.ahead.take(params) if self.ahead is not None else None
-            if backup is None:
-                if self.recycle is not None and self.on_recycle is not None:
-                    self.on_recycle()  # whatever still counted on the recycled copies must stop now
-                backup = ParamBackup(optimizer, params, self.recycle)
-            self.checkpoint.backup = backup
+            if self.recycle is not None and self.on_recycle is not None:
+                self.on_recycle()  # whatever still counted on the recycled copies must stop now
+            self.checkpoint.backup = ParamBackup(optimizer, params, self.recycle)
 
     def forward_backward(self, body: Callable[[], object]) -> tuple[torch.Tensor, list[str]]:
         notes = []
@@ -491,10 +425,8 @@ def _nonfinite_grads(params: list[torch.Tensor], names: dict[int, str]) -> list[
 def run_step(model: nn.Module, optimizer: torch.optim.Optimizer, body: Callable[[], object], *,
              model_name: str, step_number: int, lrs: list[float] | None = None,
              evaluate: Callable[[], object] | None = None,
-             recycle: ParamBackup | None = None, on_recycle: Callable[[], None] | None = None,
-             ahead: bool = False) -> Outcome:
-    """zero_grad, body() -> loss, backward, step, then per-parameter statistics. `ahead`: on a CPU,
-    the copies are made while the body and backward run (CopyAhead).
+             recycle: ParamBackup | None = None, on_recycle: Callable[[], None] | None = None) -> Outcome:
+    """zero_grad, body() -> loss, backward, step, then per-parameter statistics.
 
     On any failure (an exception in the body, backward, the step or --eval, Ctrl-C) everything
     is put back: parameters, optimizer state, grads, buffers, modes, RNG, learning rates; the
@@ -505,7 +437,7 @@ def run_step(model: nn.Module, optimizer: torch.optim.Optimizer, body: Callable[
     On a GPU all numbers reach the host in one transfer (one sync), and a non-finite gradient is
     found after the step, which is then rolled back. On a CPU, where a transfer costs nothing, the
     gradients are checked before the step, so a skipped step never touches the optimizer."""
-    tx = Transaction(model, optimizer, model_name, recycle, on_recycle, ahead=ahead)
+    tx = Transaction(model, optimizer, model_name, recycle, on_recycle)
     ck = tx.checkpoint
     names = param_names(model)
     checked = False
@@ -558,8 +490,6 @@ def run_step(model: nn.Module, optimizer: torch.optim.Optimizer, body: Callable[
     except BaseException:
         ck.restore()
         raise
-    finally:
-        tx.finish()
     order = {name: i for i, name in enumerate(names.values())}
     group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
     lr_now = group_lrs(optimizer)
@@ -732,33 +662,23 @@ class StepSession:
         return self._step(lrs, eval_after).result
 
     def _step(self, lrs: list[float] | None, eval_after: bool) -> Outcome:
-        """One step, and its copies kept for the next step to overwrite. On a CPU the copies are made
-        while the cell runs (CopyAhead), so they may not overwrite the undo point's, which is valid
-        until this step succeeds: in a notebook two sets are kept, the undo point's and a spare one.
-        Elsewhere the copies are made right before optimizer.step() and may reuse the undo point's
-        (then gone, also if the step fails after that)."""
         ledger = self.ledger
-        undo_set = ledger.undo.backup if ledger.undo is not None else None
         spare, ledger.spare = ledger.spare, None
-        on_cpu = all(p.device.type == "cpu" for p in optimizer_params(self.optimizer))
-        recycle = None if on_cpu and spare is undo_set else spare
+        recycled = []
 
         def on_recycle():  # the spare copies are about to be overwritten: an undo point using them is gone
+            recycled.append(True)
             if ledger.undo is not None and ledger.undo.backup is spare:
                 ledger.undo = None
                 ledger.no_undo = "a step that then failed reused the last step's copies"
 
-        stepped = False
         try:
-            with self._undo_kept():  # a step rolled back wrote the parameters back: the undo point holds
-                outcome = run_step(self.model, self.optimizer, self.body, model_name=self.model_name,
-                                   step_number=ledger.count + 1, lrs=lrs,
-                                   evaluate=self.evaluate if eval_after else None,
-                                   recycle=recycle, on_recycle=on_recycle, ahead=on_cpu)
-                stepped = outcome.result.stepped
+            outcome = run_step(self.model, self.optimizer, self.body, model_name=self.model_name,
+                               step_number=ledger.count + 1, lrs=lrs, evaluate=self.evaluate if eval_after else None,
+                               recycle=spare, on_recycle=on_recycle)
         finally:
-            if not stepped:
-                ledger.spare = spare  # its buffers serve the next step
+            if not recycled:
+                ledger.spare = spare
         result = outcome.result
         result.undoable = self.keep_undo and result.stepped
         if not result.stepped:
@@ -776,12 +696,8 @@ class StepSession:
             ledger.undo_versions = backup.versions() if self.keep_undo and backup else []
             # Kept for the next step to copy into: on a CPU that saves page faults; on a GPU the
             # caching allocator makes fresh copies cheap, so memory is only held for an undo point.
-            if not on_cpu:
-                ledger.spare = backup if self.keep_undo else None
-            elif self.keep_undo:
-                ledger.spare = undo_set if undo_set is not backup else None
-            else:
-                ledger.spare = backup
+            on_cpu = backup is not None and all(p.device.type == "cpu" for p in backup.params)
+            ledger.spare = backup if backup is not None and (self.keep_undo or on_cpu) else None
         ledger.changed()
         return outcome
 
@@ -908,15 +824,15 @@ class StepSession:
 
     @contextlib.contextmanager
     def _undo_kept(self):
-        """A preview, a sweep or a step rolled back writes the parameters and puts them back, which
-        bumps their version counters: the undo point stays valid if it was valid before."""
+        """A preview or sweep writes the parameters and puts them back, which bumps their version
+        counters: the undo point stays valid if it was valid before."""
         ledger = self.ledger
         valid = ledger.undo is not None and ledger.undo.backup is not None and \
             ledger.undo.backup.versions() == ledger.undo_versions
         try:
             yield
         finally:
-            if valid and ledger.undo is not None:  # (a step that reused its copies ends it)
+            if valid:
                 ledger.undo_versions = ledger.undo.backup.versions()
 
 
