@@ -30,15 +30,24 @@ from snapshot import clear_last_error, collectable, diff, snapshot
 os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")  # the in-process kernel imports debugpy
 
 FAULTY = '''
+import signal
 import weakref
 import torch
 import torch.nn as nn
 torch.manual_seed(0)
-FAULT = {"stage": None, "exc": None, "refs": []}
+FAULT = {"stage": None, "exc": None, "refs": [], "at": None, "seen": 0}
+
+def due(stage):
+    """Whether the switch points at this stage now: every time, or only the FAULT["at"]-th time
+    (one step of a --steps run)."""
+    if FAULT["stage"] != stage:
+        return False
+    FAULT["seen"] += 1
+    return FAULT["at"] is None or FAULT["seen"] == FAULT["at"]
 
 def fire(stage, tensor=None):
     """Raise FAULT["exc"] when the switch points at this stage; remember the tensor at hand."""
-    if FAULT["stage"] == stage:
+    if due(stage):
         if tensor is not None:
             FAULT["refs"].append(weakref.ref(tensor))
         raise FAULT["exc"](f"injected at {stage}")
@@ -60,7 +69,7 @@ class Grad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         fire("backward", g)
-        return g * float("nan") if FAULT["stage"] == "nan_grads" else g
+        return g * float("nan") if due("nan_grads") else g
 
 class Faulty(nn.Module):
     def __init__(self):
@@ -90,6 +99,8 @@ class PartialSGD(torch.optim.Optimizer):
             p.add_(p.grad, alpha=-self.param_groups[0]["lr"])
             if i == 1:
                 fire("step")
+                if due("sigint"):  # Ctrl-C while optimizer.step() runs (Python's handler runs right here)
+                    signal.raise_signal(signal.SIGINT)
 
 model = Faulty().train()
 model.features[0].register_forward_hook(lambda m, i, o: fire("user_hook", o))
@@ -105,7 +116,7 @@ def make_input():
     return torch.randn(4, 8)
 '''
 
-STEP_CELL = '%%trainstep model opt\ntrack(((model(x) - y) ** 2).mean() * (float("nan") if FAULT["stage"] == "nan_loss" else 1))'
+STEP_CELL = '%%trainstep model opt\ntrack(((model(x) - y) ** 2).mean() * (float("nan") if due("nan_loss") else 1))'
 
 
 @dataclass(frozen=True)
@@ -141,8 +152,8 @@ def _params(faults):
             for f in faults]
 
 
-def _arm(shell, fault_stage, exc):
-    shell.run(f'FAULT.update(stage={fault_stage!r}, exc={exc}); FAULT["refs"].clear()')
+def _arm(shell, fault_stage, exc, at=None):
+    shell.run(f'FAULT.update(stage={fault_stage!r}, exc={exc}, at={at}, seen=0); FAULT["refs"].clear()')
 
 
 def _alive(shell) -> list[str]:
@@ -212,6 +223,65 @@ def test_nan_skips_the_step(shell, stage, says):
     assert diff(before, snapshot(model, opt)) == []
     del step
     assert _alive(shell) == []
+
+
+# ---------------------------------------------------------------- a stop at step k of --steps N
+
+STEPS = 3
+RUN_CELL = STEP_CELL.replace("%%trainstep model opt", f"%%trainstep model opt --steps {STEPS}")
+
+
+def _run_values(shell) -> dict:
+    """The values a step changes (hooks aside: they are compared on the same objects elsewhere)."""
+    values = _values(snapshot(shell.ns["model"], shell.ns["opt"]))
+    values.pop("hooks")
+    return values
+
+
+def _after_steps(shell, j: int) -> dict:
+    """The values after j single steps from the same start (FAULTY again: the same values)."""
+    shell.run(FAULTY)
+    for _ in range(j):
+        shell.run(STEP_CELL)
+    return _run_values(shell)
+
+
+def _kept(stage: str, k: int) -> int:
+    """How many of the run's steps a fault at step k leaves."""
+    if stage == "sigint":
+        return k  # Ctrl-C is held while optimizer.step() runs: that step is kept, the run stops
+    if stage == "step":  # raised from inside optimizer.step(): only the last step has copies of its own
+        return k - 1 if k == STEPS else 0
+    return k - 1
+
+
+@pytest.mark.parametrize("k", range(1, STEPS + 1))
+@pytest.mark.parametrize("stage, exc", [("forward", "Exception"), ("backward", "KeyboardInterrupt"),
+                                        ("step", "Exception"), ("step", "KeyboardInterrupt"), ("sigint", None),
+                                        ("nan_loss", None), ("nan_grads", None)])
+def test_a_stop_at_step_k_of_a_run(shell, stage, exc, k):
+    """--steps N: an error, Ctrl-C or a non-finite value at step k leaves the steps before k, whole,
+    and nothing of step k; Ctrl-C while optimizer.step() runs lets that step finish first; an error
+    from inside optimizer.step() (it may have updated some parameters) undoes the whole run, except
+    at the last step, whose own copies undo it alone. Never half a step; the step count follows."""
+    kept = _kept(stage, k)
+    expected = _after_steps(shell, kept)
+    shell.run(FAULTY)
+    _arm(shell, stage, exc, at=k)
+    result = shell.ip.run_cell(RUN_CELL, store_history=True)
+    error = result.error_in_exec or result.error_before_exec
+    if stage.startswith("nan"):
+        assert error is None and result.result.skipped, repr(error)
+        assert f"stopped at step {k} of {STEPS}" in result.result.notes
+    elif stage == "sigint":
+        assert type(error) is KeyboardInterrupt, repr(error)
+    else:
+        assert type(error).__name__ == exc and str(error) == f"injected at {stage}", repr(error)
+    del result, error
+    assert diff(expected, _run_values(shell)) == []
+    assert _alive(shell) == []
+    _arm(shell, None, None)
+    assert shell.run(STEP_CELL).step == kept + 1
 
 
 # ---------------------------------------------------------------- the widget's Step button
@@ -300,6 +370,7 @@ SWEEPS = {
     "shapes": ("line", "shapes", "model 4,8", None),
     "summary": ("line", "summary", "model 4,8", None),
     "trainstep": ("cell", "trainstep", "model opt", "((model(x) - y) ** 2).mean()"),
+    "trainstep_steps": ("cell", "trainstep", "model opt --steps 3", "((model(x) - y) ** 2).mean()"),
 }
 
 
@@ -375,11 +446,12 @@ SAMPLE = 40  # lines per magic in the default run
 SWEPT: dict[str, tuple[int, int, int, int]] = {}  # magic -> (lines, lines tried, reached, lines that broke a promise)
 
 
-@pytest.mark.parametrize("which", ["shapes", "summary", "trainstep"])
+@pytest.mark.parametrize("which", ["shapes", "summary", "trainstep", "trainstep_steps"])
 def test_ctrl_c_at_every_line(shell, which):
     """A real Ctrl-C delivered at each line of torchmagic's code the magic runs, one run per line:
     the KeyboardInterrupt comes out of the magic, the state is as before (for %%trainstep: as
-    before, or as after the whole step: never half a step), and nothing keeps the model alive.
+    before, or as after the whole step: never half a step; with --steps 3, as after 0 to 3 whole
+    steps), and nothing keeps the model alive.
     Bare `try:` / `finally:` / `else:` lines are skipped: Python handles a signal at a call or a
     loop's jump back, never there, while a tracer would raise it at the start of any line.
 
@@ -387,10 +459,14 @@ def test_ctrl_c_at_every_line(shell, which):
     every run, spread over the whole magic); TORCHMAGIC_SWEEP_ALL=1 runs every line (minutes)."""
     magic = SWEEPS[which]
     shell.run(SWEEP_MODEL)
-    lines = _torchmagic_lines(shell.ip, magic)
+    _run_magic(shell.ip, *magic)  # the first run in a process imports the modules the magic uses: once
     shell.run(SWEEP_MODEL)
-    _run_magic(shell.ip, *magic)
-    completed = _values(snapshot(shell.ns["model"], shell.ns["opt"]))
+    lines = _torchmagic_lines(shell.ip, magic)
+    completed = []  # the state after each whole step
+    shell.run(SWEEP_MODEL)
+    for _ in range(3 if which == "trainstep_steps" else 1):
+        _run_magic(shell.ip, *SWEEPS["trainstep"])
+        completed.append(_values(snapshot(shell.ns["model"], shell.ns["opt"])))
     lines = [t for t in lines if not re.match(r"(try|finally|else)\s*:", linecache.getline(*t).strip())]
     total = len(lines)
     if not os.environ.get("TORCHMAGIC_SWEEP_ALL"):  # every k-th line, the same ones on every run
@@ -410,13 +486,15 @@ def test_ctrl_c_at_every_line(shell, which):
         reached += 1
         if type(error) is not KeyboardInterrupt:
             broken.append(f"{where}: {type(error).__name__} came out, not KeyboardInterrupt")
-        elif diff(before, after) and not (which == "trainstep" and diff(completed, _values(after)) == []):
+        elif diff(before, after) and not (which.startswith("trainstep") and
+                                          any(diff(c, _values(after)) == [] for c in completed)):
             broken.append(f"{where}: {diff(before, after)[:3]}")
         del error
         kept = collectable(shell.ip, ["model", "opt"], ref)
         if kept:
             broken.append(f"{where}: the model is kept alive afterwards ({kept[0]})")
-    SWEPT[which.replace("trainstep", "%trainstep")] = (total, len(lines), reached, len(broken))
+    SWEPT[which.replace("trainstep", "%trainstep").replace("_steps", " --steps 3")] = (total, len(lines), reached,
+                                                                                      len(broken))
     assert reached > min(30, len(lines) // 2) and broken == [], f"{len(broken)} of {reached} lines: " + "; ".join(broken[:12])
 
 

@@ -425,8 +425,10 @@ def _nonfinite_grads(params: list[torch.Tensor], names: dict[int, str]) -> list[
 def run_step(model: nn.Module, optimizer: torch.optim.Optimizer, body: Callable[[], object], *,
              model_name: str, step_number: int, lrs: list[float] | None = None,
              evaluate: Callable[[], object] | None = None,
-             recycle: ParamBackup | None = None, on_recycle: Callable[[], None] | None = None) -> Outcome:
-    """zero_grad, body() -> loss, backward, step, then per-parameter statistics.
+             recycle: ParamBackup | None = None, on_recycle: Callable[[], None] | None = None,
+             gate: InterruptGate | None = None) -> Outcome:
+    """zero_grad, body() -> loss, backward, step, then per-parameter statistics. `gate`: shut
+    from optimizer.step() on (Ctrl-C held until the caller opens it: the last step of a run).
 
     On any failure (an exception in the body, backward, the step or --eval, Ctrl-C) everything
     is put back: parameters, optimizer state, grads, buffers, modes, RNG, learning rates; the
@@ -456,6 +458,8 @@ def run_step(model: nn.Module, optimizer: torch.optim.Optimizer, body: Callable[
                         ck.restore()
                         return Outcome(_skipped(model_name, early[0], optimizer, step_number, skipped, notes), None)
                     checked = True
+                if gate is not None:
+                    gate.shut()
                 tx.step()
         if tx.cell_steps:
             notes.append(f"the cell called optimizer.step() itself ({tx.cell_steps}x): %%trainstep did not step again")
@@ -661,7 +665,7 @@ class StepSession:
     def step(self, lrs: list[float] | None = None, eval_after: bool = False) -> StepResult:
         return self._step(lrs, eval_after).result
 
-    def _step(self, lrs: list[float] | None, eval_after: bool) -> Outcome:
+    def _step(self, lrs: list[float] | None, eval_after: bool, gate: InterruptGate | None = None) -> Outcome:
         ledger = self.ledger
         spare, ledger.spare = ledger.spare, None
         recycled = []
@@ -675,7 +679,7 @@ class StepSession:
         try:
             outcome = run_step(self.model, self.optimizer, self.body, model_name=self.model_name,
                                step_number=ledger.count + 1, lrs=lrs, evaluate=self.evaluate if eval_after else None,
-                               recycle=spare, on_recycle=on_recycle)
+                               recycle=spare, on_recycle=on_recycle, gate=gate)
         finally:
             if not recycled:
                 ledger.spare = spare
@@ -708,9 +712,9 @@ class StepSession:
         of those also copies what optimizer.step() changes, the run's way back.
 
         A stop at step k (an error, Ctrl-C, a non-finite loss or gradient) keeps the steps before k
-        and undoes step k. Ctrl-C while optimizer.step() runs stops the run after that step. An
-        error from inside optimizer.step() (it may leave parameters half updated) undoes the last
-        step alone, and any other step the whole run."""
+        and undoes step k. Ctrl-C while optimizer.step() runs lets that step finish, and the run
+        stops after it. An error from inside optimizer.step() (it may leave parameters half
+        updated) undoes the last step alone, and any other step the whole run."""
         model, optimizer, ledger = self.model, self.optimizer, self.ledger
         start = ledger.count, len(ledger.history)
         spare, ledger.spare = ledger.spare, None
@@ -749,7 +753,10 @@ class StepSession:
                             result = _skipped(self.model_name, loss, optimizer, ledger.count + 1, skipped, notes)
                     else:  # the last step: copies into the first step's, statistics
                         ledger.spare = first.backup if first is not None else spare
-                        result = self._step(None, eval_after).result
+                        try:
+                            result = self._step(None, eval_after, gate).result
+                        finally:
+                            gate.is_shut = False
                         loss, skipped = result.loss, result.skipped
                     if skipped:
                         result.notes.append(f"stopped at step {i + 1} of {n}")
@@ -759,6 +766,7 @@ class StepSession:
                         bar.postfix = f"loss={loss:.4g}"  # shown at tqdm's next refresh (set_postfix redraws)
                 else:
                     finished = True
+                gate.open()  # a Ctrl-C held during the last optimizer.step(): all steps are done
         finally:
             if hasattr(bar, "close"):
                 bar.close()
