@@ -185,10 +185,13 @@ class Checkpoint:
     """Everything a step can change (see the module docstring). `backup` is filled by the step
     pre-hook of `Transaction`, right before the optimizer first changes anything."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, parts: Parts | None = None):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, parts: Parts | None = None,
+                 grads: bool = True):
         parts = parts if parts is not None else Parts(model, optimizer)
         self.params = parts.params
-        self.grads = [(p, p.grad) for p in parts.grad_params]
+        # grads=False: restored as None. Holding the old gradients while backward makes the new ones
+        # costs page faults on every step of a run (the allocator cannot reuse their memory): 1.3x.
+        self.grads = [(p, p.grad if grads else None) for p in parts.grad_params]
         self.modes = [(ref, m.training) for ref in parts.modules if (m := ref()) is not None]
         self.buffers = Buffers(slots=parts.buffer_slots)
         self.rng = RngState()
@@ -335,22 +338,22 @@ class Outcome:
 
 class Transaction:
     """zero_grad, body() -> loss, backward, step, as one unit. See run_step. `copies=False`: no copy
-    of what optimizer.step() changes (the quick steps of a run, see quick_step); begin() starts the
-    next step of such a run."""
+    of what optimizer.step() changes; `keep_grads=False`: gradients restored as None (the quick
+    steps of a run, see quick_step); begin() starts the next step of such a run."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, model_name: str,
                  recycle: ParamBackup | None = None, on_recycle: Callable[[], None] | None = None,
-                 copies: bool = True):
+                 copies: bool = True, keep_grads: bool = True):
         self.model, self.optimizer, self.model_name = model, optimizer, model_name
         self.parts = Parts(model, optimizer)
-        self.copies = copies
+        self.copies, self.keep_grads = copies, keep_grads
         self.recycle, self.on_recycle = recycle, on_recycle
         self.run_undone = False
         self.on_cpu = all(p.device.type == "cpu" for p in self.parts.grad_params)
         self.begin()
 
     def begin(self):
-        self.checkpoint = Checkpoint(self.model, self.optimizer, self.parts)
+        self.checkpoint = Checkpoint(self.model, self.optimizer, self.parts, grads=self.keep_grads)
         self.cell_steps = 0
         self.ours = False
         self.entered_step = False  # optimizer.step() began: from here on the parameters may be half updated
@@ -513,8 +516,9 @@ def quick_step(tx: Transaction, body: Callable[[], object], names: dict[int, str
                first: Checkpoint | None, done: Callable[[float], None]) -> tuple[float, str, list[str]]:
     """A step of a --steps run but its last: what a loop written by hand does (grads set to None,
     the cell, backward, optimizer.step()) plus the loss and the check for non-finite values, and a
-    checkpoint of what changes before optimizer.step() (grads, buffers, modes, RNG, settings). Of
-    what step() changes, only the run's first step (`first` is None; `tx.copies` on) makes copies.
+    checkpoint of what changes before optimizer.step() (buffers, modes, RNG, settings; gradients
+    restored as None, see Checkpoint). Only the run's first step (`first` is None; `tx.copies` on)
+    copies what step() changes.
 
     An error or Ctrl-C before optimizer.step() undoes this step. Ctrl-C during it is held until it
     ends and `done(loss)` has recorded it. An error from inside it (the parameters may be half
@@ -712,9 +716,10 @@ class StepSession:
         of those also copies what optimizer.step() changes, the run's way back.
 
         A stop at step k (an error, Ctrl-C, a non-finite loss or gradient) keeps the steps before k
-        and undoes step k. Ctrl-C while optimizer.step() runs lets that step finish, and the run
-        stops after it. An error from inside optimizer.step() (it may leave parameters half
-        updated) undoes the last step alone, and any other step the whole run."""
+        and undoes step k (but the last, the gradients are set to None, not put back). Ctrl-C
+        while optimizer.step() runs lets that step finish, and the run stops after it. An error
+        from inside optimizer.step() (it may leave parameters half updated) undoes the last step
+        alone, and any other step the whole run."""
         model, optimizer, ledger = self.model, self.optimizer, self.ledger
         start = ledger.count, len(ledger.history)
         spare, ledger.spare = ledger.spare, None
@@ -727,7 +732,7 @@ class StepSession:
             if ledger.undo is not None and ledger.undo.backup is spare:
                 ledger.undo, ledger.no_undo = None, "a step that then failed reused the last step's copies"
 
-        tx = Transaction(model, optimizer, self.model_name, recycle=spare, on_recycle=on_recycle)
+        tx = Transaction(model, optimizer, self.model_name, recycle=spare, on_recycle=on_recycle, keep_grads=False)
 
         def done(loss: float):  # right after optimizer.step(), Ctrl-C held
             ledger.count += 1
