@@ -190,6 +190,8 @@ MAGICS = [
     MagicCase("unfreeze", "%unfreeze model", hand="model.requires_grad_(True)"),
     MagicCase("trainstep_eval", "%%trainstep model opt --eval\n{loss}", hand=STEP),
     MagicCase("trainstep_steps", "%%trainstep model opt --steps 3\n{loss}", hand=f"{STEP} x3"),
+    MagicCase("trainstep_no_undo", "%%trainstep model opt --no-undo\n{loss}", hand=STEP),
+    MagicCase("trainstep_steps_no_undo", "%%trainstep model opt --steps 3 --no-undo\n{loss}", hand=f"{STEP} x3"),
     MagicCase("trainstep_sweep", "%%trainstep model opt --sweep 1e-4:1e-1\n{loss}", restores_in_place=True),
     MagicCase("memory", "%memory"),
     MagicCase("memory_on", "%memory on"),

@@ -139,6 +139,39 @@ def test_steps(notes):
     assert r.step == 5
 
 
+def test_no_undo_is_the_hand_written_step_with_fewer_statistics(notes):
+    """--no-undo: the same step, bit for bit; gradient and parameter norms but no update columns
+    (no copy to measure them against) and no undo point; a failing cell still changes nothing."""
+    notes.run("import copy\nref = copy.deepcopy(net)\nref_opt = torch.optim.SGD(ref.parameters(), lr=0.01)")
+    before = {n: p.detach().clone() for n, p in notes.ns["net"].named_parameters()}
+    r = notes.run(STEP.replace("optimizer", "optimizer --no-undo"))
+    notes.run("ref_opt.zero_grad()\nloss = criterion(ref(input), y)\nloss.backward()\nref_opt.step()")
+    for (n, p), q in zip(notes.ns["net"].named_parameters(), notes.ns["ref"].parameters()):
+        assert torch.equal(p, q) and torch.equal(p.grad, q.grad), n
+        assert r.row(n).grad_norm == pytest.approx(p.grad.norm().item(), rel=1e-5)
+        assert r.row(n).param_norm == pytest.approx(before[n].norm().item(), rel=1e-5)
+    text = notes.text(r)
+    assert r.stepped and "update" not in r.columns[-1] and "update/param" not in text and "--no-undo" in text
+    assert ">update norm</th>" not in notes.html(r) and "update norm:" not in text
+    session = training.StepSession(notes.ns["net"], notes.ns["optimizer"], lambda: None, None, model_name="net",
+                                   ledgers=notes.ip.magics_manager.registry["TorchMagics"]._ledgers)
+    assert "with --no-undo" in session.undo_blocked()
+    before = state(notes)
+    err = notes.error("%%trainstep net optimizer --no-undo\nout = net(input)\n1 / 0\n")
+    assert type(err) is ZeroDivisionError and diff(before, state(notes)) == []
+    assert "--no-undo" in notes.usage_error("%%trainstep net optimizer --no-undo --sweep 1e-3:1\ncriterion(net(input), y)")
+
+
+def test_no_undo_says_when_the_optimizer_failed_part_way(notes):
+    """Without copies an error from inside optimizer.step() cannot be rolled back: it says so."""
+    notes.run(FLAKY)
+    notes.run(STEP)
+    notes.run("fail = RuntimeError('boom')")
+    err = notes.error(STEP.replace("optimizer", "optimizer --no-undo"))
+    assert type(err) is RuntimeError and "--no-undo" in "".join(err.__notes__)
+    assert "may have updated some parameters" in "".join(err.__notes__)
+
+
 def test_frozen_layers_are_not_stepped(notes):
     notes.run("%freeze net.conv1")
     w = notes.ns["net"].conv1.weight.detach().clone()

@@ -433,6 +433,10 @@ class TorchMagics(Magics):
                                                            "nothing is changed")
     @argument("--points", type=int, default=None, metavar="K", help="how many rates --sweep tries (default: 3 per decade)")
     @argument("--no-widget", action="store_true", help="text result only, also in a notebook")
+    @argument("--no-undo", action="store_true", help="keep no copy of the parameters and optimizer state: a step costs "
+                                                 "about what the loop by hand does, but there is no Undo and no "
+                                                 "update norms, and an error raised inside optimizer.step() itself "
+                                                 "leaves that step part-applied")
     @argument("--plan", action="store_true", help="plan the step's memory instead: the cell runs on fake tensors "
                                                   "(your loss, autocast and optimizer); nothing is changed")
     @argument("--budget", default=None, help="with --plan: the memory to fit in, e.g. 24GB")
@@ -466,6 +470,9 @@ class TorchMagics(Magics):
         if args.steps < 1:
             raise TorchMagicError(f"--steps {args.steps}: give a number of steps of at least 1, e.g. --steps 10")
         rates = self._sweep_rates(args) if args.sweep is not None else None
+        if rates is not None and args.no_undo:
+            raise TorchMagicError("--sweep puts everything back after each rate, which needs the copies --no-undo leaves "
+                                  "out: drop --no-undo")
         training.check_pair(model, optimizer, args.model, args.optimizer)
         if lrs is not None and len(lrs) not in (1, len(optimizer.param_groups)):
             raise TorchMagicError(f"--lr gives {len(lrs)} rates for {len(optimizer.param_groups)} param groups: "
@@ -473,7 +480,7 @@ class TorchMagics(Magics):
         body, evaluate = self._loss_body(cell)
         widget = self.widgets and not args.no_widget and ui.has_widget_frontend(self.shell)
         session = training.StepSession(model, optimizer, body, evaluate, model_name=args.model, ledgers=self._ledgers,
-                                       keep_undo=widget)
+                                       keep_undo=widget, copies=not args.no_undo)
         call = functools.partial(_user_call, body.filename, self.shell.user_ns)
         if rates is not None:
             result = call(session.sweep, rates)

@@ -540,9 +540,15 @@ class StepResult(Result):
         return len({r.lr for r in self.params}) <= 1
 
     @property
+    def has_updates(self) -> bool:
+        """False after a step with --no-undo, which keeps no copy to measure the update against."""
+        return not self.params or any(r.update_norm == r.update_norm for r in self.params)
+
+    @property
     def columns(self) -> list[str]:
         lr = [] if self.uniform_lr else ["lr"]
-        return ["parameter", "shape", *lr, "grad norm", "param norm", "update norm", "update/param"]
+        updates = ["update norm", "update/param"] if self.has_updates else []
+        return ["parameter", "shape", *lr, "grad norm", "param norm", *updates]
 
     def blown_up(self) -> list[ParamStep]:
         """The parameters this step moved by more than BLOWUP_RATIO of their norm."""
@@ -581,15 +587,16 @@ class StepResult(Result):
         if self.loss_after is not None and self.stepped:
             loss += f" -> {self.loss_after:.6g} after the step (same batch, {self.loss_after - self.loss:+.3g})"
         parts = [loss, f"grad norm: {_num(self.grad_norm)}"]
-        if self.stepped and self.params:
+        if self.stepped and self.params and self.has_updates:
             parts.append(f"update norm: {_num(self.update_norm)}")
         parts.append("lr: " + ", ".join(_num(lr) for lr in self.lrs))
         return "  ·  ".join(parts)
 
     def _cells(self) -> list[list[str]]:
-        lr = not self.uniform_lr
+        lr, updates = not self.uniform_lr, self.has_updates
         return [[r.name, "[" + ", ".join(map(str, r.shape)) + "]", *([_num(r.lr)] if lr else []), _num(r.grad_norm),
-                 _num(r.param_norm), _num(r.update_norm), f"{r.ratio:.2e}" if r.ratio == r.ratio else "-"]
+                 _num(r.param_norm),
+                 *([_num(r.update_norm), f"{r.ratio:.2e}" if r.ratio == r.ratio else "-"] if updates else [])]
                 for r in self.params]
 
     @property

@@ -429,9 +429,12 @@ def run_step(model: nn.Module, optimizer: torch.optim.Optimizer, body: Callable[
              model_name: str, step_number: int, lrs: list[float] | None = None,
              evaluate: Callable[[], object] | None = None,
              recycle: ParamBackup | None = None, on_recycle: Callable[[], None] | None = None,
-             gate: InterruptGate | None = None) -> Outcome:
+             gate: InterruptGate | None = None, copies: bool = True) -> Outcome:
     """zero_grad, body() -> loss, backward, step, then per-parameter statistics. `gate`: shut
     from optimizer.step() on (Ctrl-C held until the caller opens it: the last step of a run).
+    `copies=False` (--no-undo): nothing of what optimizer.step() changes is copied, so the step
+    costs about what the loop by hand does; it has no undo point and no update norms, and an
+    error raised inside optimizer.step() leaves that step part-applied (the error says so).
 
     On any failure (an exception in the body, backward, the step or --eval, Ctrl-C) everything
     is put back: parameters, optimizer state, grads, buffers, modes, RNG, learning rates; the
@@ -442,20 +445,23 @@ def run_step(model: nn.Module, optimizer: torch.optim.Optimizer, body: Callable[
     On a GPU all numbers reach the host in one transfer (one sync), and a non-finite gradient is
     found after the step, which is then rolled back. On a CPU, where a transfer costs nothing, the
     gradients are checked before the step, so a skipped step never touches the optimizer."""
-    tx = Transaction(model, optimizer, model_name, recycle, on_recycle)
+    tx = Transaction(model, optimizer, model_name, recycle, on_recycle, copies=copies)
     ck = tx.checkpoint
     names = param_names(model)
     checked = False
     early_norms = None
+    grads_now: list[torch.Tensor] = []
     try:
         set_lrs(optimizer, lrs)
         with tx.watching():
             loss, notes = tx.forward_backward(body)
             if not tx.cell_steps:
                 grads_now = [p for p in optimizer_params(optimizer) if p.grad is not None]
-                if all(p.device.type == "cpu" for p in grads_now):
+                if not copies or all(p.device.type == "cpu" for p in grads_now):  # checked before the step
                     early_norms = _norms([p.grad for p in grads_now])
-                    early = _gather([loss.detach().reshape(()).real] + early_norms)
+                    # without copies the parameter norms are read now (after the step, nothing tells `before`)
+                    early = _gather([loss.detach().reshape(()).real] + early_norms +
+                                    ([] if copies else _norms([p.detach() for p in grads_now])))
                     skipped = _skip_reason(early[0], grads_now, names, notes) if not _finite(early) else ""
                     if skipped:
                         ck.restore()
@@ -463,30 +469,29 @@ def run_step(model: nn.Module, optimizer: torch.optim.Optimizer, body: Callable[
                     checked = True
                 if gate is not None:
                     gate.shut()
-                tx.step()
+                if copies or gate is not None:
+                    tx.step()
+                else:  # Ctrl-C waits for the step to end: without copies it could not be undone
+                    with interrupts_deferred():
+                        tx.step()
         if tx.cell_steps:
             notes.append(f"the cell called optimizer.step() itself ({tx.cell_steps}x): %%trainstep did not step again")
-        backup = ck.backup
-        params = backup.params if backup else []
-        loss_after = _evaluate_after(evaluate, ck.rng, model).real if evaluate is not None else None
-        if early_norms is not None and [id(p) for p in grads_now] == [id(p) for p in params]:
-            grad_norms = early_norms
+        if not copies:
+            notes.append("--no-undo: no copies of the parameters and optimizer state, so no Undo and no update norms")
+            if tx.cell_steps:
+                early = _gather([loss.detach().reshape(()).real])
+            loss_after = _evaluate_after(evaluate, ck.rng, model).real if evaluate is not None else None
+            params, n = grads_now, len(grads_now)
+            loss_value, gn, pn, un = early[0], early[1:1 + n], early[1 + n:], [float("nan")] * n
+            loss_after = _gather([loss_after])[0] if loss_after is not None else None
         else:
-            grad_norms = _norms([p.grad if p.grad is not None else torch.zeros((), device=p.device) for p in params])
-        updates, before = _update_norms(params, backup.values) if backup else ([], [])
-        scalars = [loss.detach().reshape(()).real] + grad_norms + before + updates
-        if loss_after is not None:
-            scalars.append(loss_after)
-        values = _gather(scalars)
-        n = len(params)
-        loss_value, gn, pn, un = values[0], values[1:1 + n], values[1 + n:1 + 2 * n], values[1 + 2 * n:1 + 3 * n]
-        loss_after = values[-1] if loss_after is not None else None
-        if not checked and not _finite([loss_value] + gn):
-            skipped = _skip_reason(loss_value, params, names, notes)
-            if skipped:
-                ck.restore()
-                return Outcome(_skipped(model_name, loss_value, optimizer, step_number, skipped, notes), None)
-        if not _finite(un):  # the rate is so high that the step overflows: refused like a NaN loss
+            params, loss_value, gn, pn, un, loss_after = _statistics(tx, loss, evaluate, model, grads_now, early_norms)
+            if not checked and not _finite([loss_value] + gn):
+                skipped = _skip_reason(loss_value, params, names, notes)
+                if skipped:
+                    ck.restore()
+                    return Outcome(_skipped(model_name, loss_value, optimizer, step_number, skipped, notes), None)
+        if copies and not _finite(un):  # the rate is so high that the step overflows: refused like a NaN loss
             bad = [names.get(id(p), "(outside the model)") for p, u in zip(params, un) if not math.isfinite(u)]
             shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
             rates = ", ".join(f"{lr:.3g}" for lr in group_lrs(optimizer))
@@ -494,8 +499,10 @@ def run_step(model: nn.Module, optimizer: torch.optim.Optimizer, body: Callable[
             return Outcome(_skipped(model_name, loss_value, optimizer, step_number,
                                     f"the step at lr {rates} gives non-finite updates ({shown}): no step taken, nothing "
                                     f"changed; use a lower rate", notes), None)
-    except BaseException:
+    except BaseException as e:
         ck.restore()
+        if tx.entered_step and not copies and hasattr(e, "add_note"):
+            e.add_note(_PART_APPLIED)
         raise
     order = {name: i for i, name in enumerate(names.values())}
     group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
@@ -510,6 +517,32 @@ def run_step(model: nn.Module, optimizer: torch.optim.Optimizer, body: Callable[
     result = StepResult(model=model_name, loss=loss_value, grad_norm=_total(gn), lrs=lr_now, step=step_number,
                         notes=notes, params=rows, param_norm=_total(pn), update_norm=_total(un), loss_after=loss_after)
     return Outcome(result, ck)
+
+
+_PART_APPLIED = ("%%trainstep --no-undo: this came from inside optimizer.step(), which may have updated some "
+                 "parameters before it; without copies they stay as it left them")
+
+
+def _statistics(tx: Transaction, loss: torch.Tensor, evaluate, model: nn.Module, grads_now: list[torch.Tensor],
+                early_norms: list[torch.Tensor] | None) -> tuple:
+    """After a step with copies: (params, loss, grad norms, param norms, update norms, loss after),
+    every number in one transfer (one sync on a GPU)."""
+    ck = tx.checkpoint
+    backup = ck.backup
+    params = backup.params if backup else []
+    loss_after = _evaluate_after(evaluate, ck.rng, model).real if evaluate is not None else None
+    if early_norms is not None and [id(p) for p in grads_now] == [id(p) for p in params]:
+        grad_norms = early_norms
+    else:
+        grad_norms = _norms([p.grad if p.grad is not None else torch.zeros((), device=p.device) for p in params])
+    updates, before = _update_norms(params, backup.values) if backup else ([], [])
+    scalars = [loss.detach().reshape(()).real] + grad_norms + before + updates
+    if loss_after is not None:
+        scalars.append(loss_after)
+    values = _gather(scalars)
+    n = len(params)
+    return (params, values[0], values[1:1 + n], values[1 + n:1 + 2 * n], values[1 + 2 * n:1 + 3 * n],
+            values[-1] if loss_after is not None else None)
 
 
 def quick_step(tx: Transaction, body: Callable[[], object], names: dict[int, str], gate: InterruptGate,
@@ -551,13 +584,16 @@ def quick_step(tx: Transaction, body: Callable[[], object], names: dict[int, str
             tx.optimizer.step()
             tx.ours = False
         done(value)
-    except BaseException:
+    except BaseException as e:
         gate.is_shut = False
-        if tx.entered_step:
-            (first or ck).restore()
+        way_back = first or ck
+        if tx.entered_step and way_back.backup is not None:
+            way_back.restore()
             tx.run_undone = True
         else:
             ck.restore()
+            if tx.entered_step and hasattr(e, "add_note"):
+                e.add_note(_PART_APPLIED)
         raise
     gate.open()
     return value, "", notes
@@ -628,11 +664,12 @@ class StepSession:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, body: Callable[[], object],
                  evaluate: Callable[[], object], *, model_name: str,
-                 ledgers: weakref.WeakKeyDictionary | None = None, keep_undo: bool = False):
+                 ledgers: weakref.WeakKeyDictionary | None = None, keep_undo: bool = False, copies: bool = True):
         self._model, self._optimizer = weakref.ref(model), weakref.ref(optimizer)
         self._ledgers = ledgers if ledgers is not None else weakref.WeakKeyDictionary()
         self._ledgers.setdefault(optimizer, StepLedger())
         self.body, self.evaluate, self.model_name, self.keep_undo = body, evaluate, model_name, keep_undo
+        self.copies = copies  # False: --no-undo (see run_step)
 
     def _alive(self, ref):
         obj = ref()
@@ -683,12 +720,12 @@ class StepSession:
         try:
             outcome = run_step(self.model, self.optimizer, self.body, model_name=self.model_name,
                                step_number=ledger.count + 1, lrs=lrs, evaluate=self.evaluate if eval_after else None,
-                               recycle=spare, on_recycle=on_recycle, gate=gate)
+                               recycle=spare, on_recycle=on_recycle, gate=gate, copies=self.copies)
         finally:
             if not recycled:
                 ledger.spare = spare
         result = outcome.result
-        result.undoable = self.keep_undo and result.stepped
+        result.undoable = self.keep_undo and self.copies and result.stepped
         if not result.stepped:
             return outcome
         result.previous_loss = ledger.history[-1][1] if ledger.history else None
@@ -697,9 +734,10 @@ class StepSession:
             ledger.history.append((result.step, result.loss, result.lrs[0]))
             ck = outcome.checkpoint
             backup = ck.backup
-            ledger.undo = ck if self.keep_undo else None
-            ledger.no_undo = "" if self.keep_undo else \
-                f"step {result.step} was taken without an undo point (by %%trainstep with --no-widget)"
+            ledger.undo = ck if self.keep_undo and self.copies else None
+            ledger.no_undo = "" if ledger.undo is not None else \
+                f"step {result.step} was taken without an undo point (by %%trainstep with " \
+                f"{'--no-widget' if self.copies else '--no-undo'})"
             ledger.undo_loss = result.loss
             ledger.undo_versions = backup.versions() if self.keep_undo and backup else []
             # Kept for the next step to copy into: on a CPU that saves page faults; on a GPU the
@@ -732,18 +770,20 @@ class StepSession:
             if ledger.undo is not None and ledger.undo.backup is spare:
                 ledger.undo, ledger.no_undo = None, "a step that then failed reused the last step's copies"
 
-        tx = Transaction(model, optimizer, self.model_name, recycle=spare, on_recycle=on_recycle, keep_grads=False)
+        tx = Transaction(model, optimizer, self.model_name, recycle=spare, on_recycle=on_recycle, copies=self.copies,
+                         keep_grads=False)
 
         def done(loss: float):  # right after optimizer.step(), Ctrl-C held
             ledger.count += 1
             ledger.history.append((ledger.count, loss, float(optimizer.param_groups[0]["lr"])))
             if first is None:  # the run's first step: its copies are the undo point of the step
                 backup = tx.checkpoint.backup
-                ledger.undo = tx.checkpoint if keep_undo else None
+                ledger.undo = tx.checkpoint if keep_undo and backup is not None else None
                 ledger.undo_versions = backup.versions() if keep_undo and backup else []
                 ledger.undo_loss = loss
-                ledger.no_undo = "" if keep_undo else \
-                    f"step {ledger.count} was taken without an undo point (by %%trainstep with --no-widget)"
+                ledger.no_undo = "" if ledger.undo is not None else \
+                    f"step {ledger.count} was taken without an undo point (by %%trainstep with " \
+                    f"{'--no-widget' if backup is not None else '--no-undo'})"
 
         bar = progress(range(n))
         try:
