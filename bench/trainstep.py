@@ -10,11 +10,14 @@ ratio with the spread of the per-pair ratios (25th to 75th percentile):
 
   step    the core of one %%trainstep step (the transaction, per-parameter norms, the undo point
           kept as in a notebook) against  opt.zero_grad(); loss = ...; loss.backward(); opt.step()
-  floor   what Undo and the statistics cost at the least, in plain torch: the hand-written step
-          plus one copy of the parameters and optimizer state the step changes (into buffers made
-          once), the gradient norms, and the update norms (after - before), no Python of ours
+  floor   what Undo, the rollback and the statistics cost at the least, in plain torch: the
+          hand-written step, holding the gradients from before through backward (a failed step puts
+          them back), one copy of the parameters and optimizer state the step changes (into
+          buffers made once), the gradient norms, and the update norms (after - before, a tensor at
+          a time), no Python of ours
   cell    a real IPython shell: the %%trainstep cell against the hand-written cell, both run_cell,
-          the result formatted as text and HTML as a front end would. Target: at most 1.2x.
+          the result formatted as text and HTML as a front end would. Target: at most 1.2x. Again
+          with --no-undo (no copies: no Undo, no update norms).
   steps   `%%trainstep model opt --steps N` against a cell looping N times by hand (the progress
           bar is drawn to /dev/null). Target: at most 1.05x.
 """
@@ -170,14 +173,16 @@ def main():
             buffers = [t.clone() for t in sources]
 
             def floor():
+                held = [p.grad for p in params]
                 opt.zero_grad()
                 eval(loss, scope).backward()
                 with torch.no_grad():
                     torch._foreach_copy_(buffers, sources)
                     torch._foreach_norm([p.grad for p in params])
                     opt.step()
-                    torch._foreach_norm(torch._foreach_sub(params, buffers[:len(params)]))
-                    torch._foreach_norm(buffers[:len(params)])
+                    for p, b in zip(params, buffers):
+                        torch.linalg.vector_norm(p - b), torch.linalg.vector_norm(b)
+                del held
 
             print(f"{title:48} {'floor (plain torch)':26} {summary(*interleaved(hand, floor, reps))}", flush=True)
             del buffers
@@ -188,9 +193,11 @@ def main():
         if "cell" in only or "steps" in only:
             ip = shell_for(model, opt, ns)
         if "cell" in only:
-            print(f"{title:48} {'cell':26} " + summary(*interleaved(
-                lambda: ip.run_cell(f"opt.zero_grad()\nloss = {loss}\nloss.backward()\nopt.step()"),
-                lambda: ip.run_cell(f"%%trainstep model opt\n{loss}"), reps), CELL_TARGET), flush=True)
+            by_hand = f"opt.zero_grad()\nloss = {loss}\nloss.backward()\nopt.step()"
+            for option in ("", " --no-undo"):
+                print(f"{title:48} {'cell' + option:26} " + summary(*interleaved(
+                    lambda: ip.run_cell(by_hand), lambda: ip.run_cell(f"%%trainstep model opt{option}\n{loss}"), reps),
+                    CELL_TARGET), flush=True)
         if "steps" in only:
             n = args.gpt2_steps if big else args.steps
             loop = f"for _ in range({n}):\n    opt.zero_grad()\n    loss = {loss}\n    loss.backward()\n    opt.step()"

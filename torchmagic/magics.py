@@ -435,8 +435,9 @@ class TorchMagics(Magics):
     @argument("--no-widget", action="store_true", help="text result only, also in a notebook")
     @argument("--no-undo", action="store_true", help="keep no copy of the parameters and optimizer state: a step costs "
                                                  "about what the loop by hand does, but there is no Undo and no "
-                                                 "update norms, and an error raised inside optimizer.step() itself "
-                                                 "leaves that step part-applied")
+                                                 "update norms, a failed step leaves the gradients None, and an "
+                                                 "error raised inside optimizer.step() itself leaves that step "
+                                                 "part-applied")
     @argument("--plan", action="store_true", help="plan the step's memory instead: the cell runs on fake tensors "
                                                   "(your loss, autocast and optimizer); nothing is changed")
     @argument("--budget", default=None, help="with --plan: the memory to fit in, e.g. 24GB")

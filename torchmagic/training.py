@@ -432,8 +432,9 @@ def run_step(model: nn.Module, optimizer: torch.optim.Optimizer, body: Callable[
              gate: InterruptGate | None = None, copies: bool = True) -> Outcome:
     """zero_grad, body() -> loss, backward, step, then per-parameter statistics. `gate`: shut
     from optimizer.step() on (Ctrl-C held until the caller opens it: the last step of a run).
-    `copies=False` (--no-undo): nothing of what optimizer.step() changes is copied, so the step
-    costs about what the loop by hand does; it has no undo point and no update norms, and an
+    `copies=False` (--no-undo): nothing of what optimizer.step() changes is copied and the old
+    gradients are not held (see Checkpoint), so the step costs about what the loop by hand does;
+    it has no undo point and no update norms, a failed step leaves the gradients None, and an
     error raised inside optimizer.step() leaves that step part-applied (the error says so).
 
     On any failure (an exception in the body, backward, the step or --eval, Ctrl-C) everything
@@ -445,7 +446,7 @@ def run_step(model: nn.Module, optimizer: torch.optim.Optimizer, body: Callable[
     On a GPU all numbers reach the host in one transfer (one sync), and a non-finite gradient is
     found after the step, which is then rolled back. On a CPU, where a transfer costs nothing, the
     gradients are checked before the step, so a skipped step never touches the optimizer."""
-    tx = Transaction(model, optimizer, model_name, recycle, on_recycle, copies=copies)
+    tx = Transaction(model, optimizer, model_name, recycle, on_recycle, copies=copies, keep_grads=copies)
     ck = tx.checkpoint
     names = param_names(model)
     checked = False
