@@ -237,6 +237,37 @@ def test_compiled_parts_run_as_written_and_dynamo_never_traces_the_counter(shell
     assert p.ok and p.flops == 2 * 1350 * (1350 + 10) and p.rows[0].outputs == "[1, 10]"
 
 
+def test_fake_stand_ins_kept_between_traces_follow_the_model(shell):
+    """Fake mode keeps each tensor's stand-in for the next trace; one whose tensor changed its
+    metadata (p.data = ..., a new dtype) is made again, and a model deleted takes its stand-ins along."""
+    import gc
+    import weakref
+
+    from torchmagic import fake
+
+    net = zoo.Net()
+    bind(shell, net=net)
+    assert shell.run("%shapes net 1,1,32,32 --mode fake").rows[-1].inputs == "[1, 1350]"
+    net.fc1.weight.data = torch.zeros(10, 1014)
+    net.conv1.bias.data = net.conv1.bias.data.double().float()  # same metadata, another tensor: reused or not, the same
+    t = shell.run("%shapes net 1,1,28,28 --mode fake")
+    assert t.ok and t.rows[-1].inputs == "[1, 1014]" and t.rows[-1].params == 10 * 1014 + 10
+    net.half()
+    assert shell.run("%shapes net 1,1,28,28 --mode fake").rows[-1].dtype == "float16"
+    net.float()
+    x = torch.zeros(1, 1, 28, 28)
+    bind(shell, x=x)
+    assert shell.run("%shapes net x --mode fake").ok
+    x.resize_(1, 1, 32, 32)
+    assert shell.run("%shapes net x --mode fake").rows[0].inputs == "[1, 1, 32, 32]"
+    ids = [id(p) for p in net.parameters()]
+    ref = weakref.ref(net.fc1.weight)
+    shell.ns.pop("net")
+    del net, t
+    gc.collect()
+    assert ref() is None and not set(ids) & set(fake._KEPT.made)
+
+
 def test_dtensor_parameters_get_a_clear_message(shell):
     import torch.distributed as dist
     from torch.distributed.tensor import DeviceMesh, distribute_tensor

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -76,16 +77,60 @@ def needs_values(exc: BaseException) -> bool:
     return any(m in str(exc) for m in _DATA_MESSAGES)
 
 
+def _metadata(t: torch.Tensor) -> tuple:
+    return t.shape, t.stride(), t.storage_offset(), t.dtype, t.device, t.requires_grad, type(t) is nn.Parameter
+
+
+class _KeptStandIns:
+    """One FakeTensorMode for every %shapes in fake mode, and the fake stand-ins it made for the
+    user's tensors, kept for the next trace: making them is a third of a fake trace of a
+    ResNet-50-shaped CNN (torch's converter describes every tensor anew). A stand-in is reused only
+    while its tensor lives and both still have the same metadata; else it is let go first (`p.data =
+    ...`, `model.half()`): the mode remembers the stand-in it made for each tensor object for as long
+    as that stand-in lives, and would hand it back."""
+
+    def __init__(self):
+        self.mode = None
+        self.made: dict[int, tuple[weakref.ref, tuple, torch.Tensor]] = {}
+
+    def fake_mode(self):
+        if self.mode is None:
+            self.mode = FakeTensorMode(allow_non_fake_inputs=True)
+        return self.mode
+
+    def get(self, t: torch.Tensor) -> torch.Tensor:
+        entry = self.made.pop(id(t), None)
+        if entry is not None and entry[0]() is t and entry[1] == _metadata(t) == _metadata(entry[2]):
+            self.made[id(t)] = entry
+            return entry[2]
+        del entry  # the last reference to a stale stand-in: the mode forgets it with it
+        out = self.fake_mode().from_tensor(t)
+        key = id(t)
+        try:
+            ref = weakref.ref(t, lambda _, key=key, made=self.made: made.pop(key, None))
+        except TypeError:  # no weak references to it: not kept
+            return out
+        self.made[key] = (ref, _metadata(t), out)
+        return out
+
+
+_KEPT = _KeptStandIns()
+
+
 class Shadow:
     """Fake or meta stand-ins for a model's parameters and buffers and for the call's tensors.
     The real tensors are only read for their metadata, never written; `values` maps the id of
     each stand-in made from a user's integer tensor to (the stand-in, that tensor), so that token ids
-    can be checked where they are looked up (holding the stand-in keeps its id from being reused)."""
+    can be checked where they are looked up (holding the stand-in keeps its id from being reused).
+    `keep`: fake stand-ins of the user's tensors come from, and stay in, _KEPT (%shapes' traces)."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, keep: bool = False):
         available(kind)
         self.kind = kind
-        self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if kind == "fake" else None
+        self.keep = keep and kind == "fake"
+        self.fake_mode = None
+        if kind == "fake":
+            self.fake_mode = _KEPT.fake_mode() if self.keep else FakeTensorMode(allow_non_fake_inputs=True)
         self.values: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.failed_op: tuple | None = None  # (op, its arguments as _Specs, exception) of the last op that raised
 
@@ -95,7 +140,7 @@ class Shadow:
                 return t
             out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
         elif has_data(t):
-            out = self.fake_mode.from_tensor(t)
+            out = _KEPT.get(t) if self.keep else self.fake_mode.from_tensor(t)
         else:  # meta, or fake from another mode: a fresh fake with the same metadata and device
             with self.fake_mode:
                 out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)

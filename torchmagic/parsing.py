@@ -102,4 +102,4 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def format_shape(shape) -> str:
-    return "[" + ", ".join(str(int(d)) for d in shape) + "]"
+    return "[" + ", ".join(map(str, shape)) + "]"

@@ -226,6 +226,7 @@ class Recorder:
         self.activation_bytes = 0
         self.busy = False  # inside our own hooks: ignore the ops they make
         self.holders: dict[int, int] = {}  # parameter id -> the first row whose module holds it itself
+        self.param_lists: dict[int, tuple] = {}  # module id -> _params(module)
         # The row of a call that just returned to our global hook while the module's own forward
         # hooks (run after the global ones) are still to come: an error now is raised in them.
         self.hooks_pending: int | None = None
@@ -264,7 +265,8 @@ class Recorder:
 
     def mark_inputs(self, args: tuple, kwargs: dict):
         """The model call's own tensors are the graph's inputs (kwargs too, which pre hooks do not see)."""
-        self._sources((args, kwargs), outer=True)
+        if self.with_ops:
+            self._sources((args, kwargs), outer=True)
 
     def _name(self, module) -> str:
         return self.names.get(id(module), type(module).__name__)
@@ -273,12 +275,14 @@ class Recorder:
         self.busy = True
         self.hooks_pending = None
         try:
+            _, own, _, _ = self._params(module)
             row = ShapeRow(name=self._name(module), cls=type(module).__name__, depth=len(self.stack),
                            inputs=describe_call(args, {}), outputs="", dtype=first_dtype(args),
-                           params=own_params(module), status="open", full_inputs=describe_call(args, {}, full=True),
+                           params=sum(p.numel() for p in own if not is_lazy(p)), status="open",
+                           full_inputs=describe_call(args, {}, full=True),
                            total_params=self._total_params(module, len(self.rows)), id=len(self.rows),
                            parent=self.stack[-1][1] if self.stack else -1,
-                           sources=self._sources(args, outer=not self.stack))
+                           sources=self._sources(args, outer=not self.stack) if self.with_ops else [])
             self.stack.append((module, len(self.rows), args))
             self.rows.append(row)
             self.row_modules.append(module)
@@ -289,9 +293,20 @@ class Recorder:
         """The parameters under the call at this row that no earlier call held itself: a tied weight
         counts in the first module that holds it (and its parents), a module called again counts
         nothing again. Lazy ones count once their first forward gave them a shape."""
-        for p in module.parameters(recurse=False):
+        _, own, under, _ = self._params(module)
+        for p in own:
             self.holders.setdefault(id(p), index)
-        return sum(p.numel() for p in module.parameters() if not is_lazy(p) and self.holders.get(id(p), index) >= index)
+        return sum(p.numel() for p in under if not is_lazy(p) and self.holders.get(id(p), index) >= index)
+
+    def _params(self, module) -> tuple:
+        """(module, its own parameters, every parameter under it, whether any is lazy), listed once a
+        trace; holding the module keeps its id from being reused meanwhile."""
+        entry = self.param_lists.get(id(module))
+        if entry is None:
+            under = list(module.parameters())
+            entry = self.param_lists[id(module)] = (module, list(module.parameters(recurse=False)), under,
+                                                    any(is_lazy(p) for p in under))
+        return entry
 
     def post(self, module, args, kwargs, output):
         self.busy = True
@@ -302,12 +317,15 @@ class Recorder:
                 top, index, _ = self.stack.pop()
                 if top is module:
                     row = self.rows[index]
-                    row.inputs, row.full_inputs = describe_call(args, kwargs), describe_call(args, kwargs, full=True)
+                    if kwargs:  # the pre hook saw the positional arguments alone
+                        row.inputs, row.full_inputs = describe_call(args, kwargs), describe_call(args, kwargs, full=True)
                     row.outputs, row.full_outputs, row.status = describe(output), describe(output, full=True), "ok"
-                    row.total_params = self._total_params(module, index)  # lazy layers have their shapes now
+                    if self._params(module)[3]:
+                        row.total_params = self._total_params(module, index)  # lazy layers have their shapes now
                     row.dtype = first_dtype(output) or row.dtype
-                    row.sources += self._sources(kwargs, outer=not self.stack)
-                    self._returned(row, output)
+                    if self.with_ops:  # the data flow (sources, results) serves the graph, drawn from the ops
+                        row.sources += self._sources(kwargs, outer=not self.stack)
+                        self._returned(row, output)
                     if module._forward_hooks:
                         self.hooks_pending = index
                     break
@@ -401,6 +419,7 @@ class Recorder:
         self.rename()
         self.stack.clear()
         self.row_modules.clear()
+        self.param_lists.clear()
         self.made = {}
 
 
@@ -541,7 +560,7 @@ def _run(model: nn.Module, values: list, name: str, mode: str, ops: bool) -> tup
     failure is fake or meta mode's own (values they lack, an op they cannot run), what it could not do."""
     failure, limit = None, ""
     with model_preserved(model), torch.no_grad():
-        shadow = None if mode == "real" else fake.Shadow(mode)
+        shadow = None if mode == "real" else fake.Shadow(mode, keep=True)
         if shadow is None:
             args, kwargs = build_call(model, values)
         else:
