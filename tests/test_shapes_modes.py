@@ -248,6 +248,9 @@ def test_fake_stand_ins_kept_between_traces_follow_the_model(shell):
     net = zoo.Net()
     bind(shell, net=net)
     assert shell.run("%shapes net 1,1,32,32 --mode fake").rows[-1].inputs == "[1, 1350]"
+    kept = fake._KEPT.made[id(net.fc1.weight)][2]
+    shell.run("%shapes net 1,1,32,32 --mode fake")
+    assert fake._KEPT.made[id(net.fc1.weight)][2] is kept  # the second trace reused it
     net.fc1.weight.data = torch.zeros(10, 1014)
     net.conv1.bias.data = net.conv1.bias.data.double().float()  # same metadata, another tensor: reused or not, the same
     t = shell.run("%shapes net 1,1,28,28 --mode fake")

@@ -78,7 +78,7 @@ def needs_values(exc: BaseException) -> bool:
 
 
 def _metadata(t: torch.Tensor) -> tuple:
-    return t.shape, t.stride(), t.storage_offset(), t.dtype, t.device, t.requires_grad, type(t) is nn.Parameter
+    return t.shape, t.stride(), t.storage_offset(), t.dtype, t.device, t.requires_grad
 
 
 class _KeptStandIns:
