@@ -84,10 +84,10 @@ def _metadata(t: torch.Tensor) -> tuple:
 class _KeptStandIns:
     """One FakeTensorMode for every %shapes in fake mode, and the fake stand-ins it made for the
     user's tensors, kept for the next trace: making them is a third of a fake trace of a
-    ResNet-50-shaped CNN (torch's converter describes every tensor anew). A stand-in is reused only
-    while its tensor lives and both still have the same metadata; else it is let go first (`p.data =
-    ...`, `model.half()`): the mode remembers the stand-in it made for each tensor object for as long
-    as that stand-in lives, and would hand it back."""
+    ResNet-50-shaped CNN (torch's converter describes every tensor anew). Stand-ins are reused while
+    their tensors live and keep their metadata: before a trace, prepare() looks at every tensor it
+    will convert, and if one changed (`p.data = ...`, `model.half()`, `x.resize_()`) starts a new
+    mode, as the mode would hand back the stand-in it made for that tensor object."""
 
     def __init__(self):
         self.mode = None
@@ -98,12 +98,20 @@ class _KeptStandIns:
             self.mode = FakeTensorMode(allow_non_fake_inputs=True)
         return self.mode
 
+    def prepare(self, tensors):
+        """The mode for a trace that converts these tensors (see the class docstring)."""
+        for t in tensors:
+            entry = self.made.get(id(t))
+            if entry is not None and not (entry[0]() is t and entry[1] == _metadata(t) == _metadata(entry[2])):
+                self.mode = None
+                self.made.clear()
+                break
+        return self.fake_mode()
+
     def get(self, t: torch.Tensor) -> torch.Tensor:
-        entry = self.made.pop(id(t), None)
-        if entry is not None and entry[0]() is t and entry[1] == _metadata(t) == _metadata(entry[2]):
-            self.made[id(t)] = entry
+        entry = self.made.get(id(t))
+        if entry is not None and entry[0]() is t:
             return entry[2]
-        del entry  # the last reference to a stale stand-in: the mode forgets it with it
         out = self.fake_mode().from_tensor(t)
         key = id(t)
         try:
@@ -124,13 +132,14 @@ class Shadow:
     can be checked where they are looked up (holding the stand-in keeps its id from being reused).
     `keep`: fake stand-ins of the user's tensors come from, and stay in, _KEPT (%shapes' traces)."""
 
-    def __init__(self, kind: str, keep: bool = False):
+    def __init__(self, kind: str, keep: bool = False, converts=()):
+        """`converts`: with `keep`, every tensor of the user's this shadow will convert (see _KEPT)."""
         available(kind)
         self.kind = kind
         self.keep = keep and kind == "fake"
         self.fake_mode = None
         if kind == "fake":
-            self.fake_mode = _KEPT.fake_mode() if self.keep else FakeTensorMode(allow_non_fake_inputs=True)
+            self.fake_mode = _KEPT.prepare(converts) if self.keep else FakeTensorMode(allow_non_fake_inputs=True)
         self.values: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.failed_op: tuple | None = None  # (op, its arguments as _Specs, exception) of the last op that raised
 

@@ -560,7 +560,8 @@ def _run(model: nn.Module, values: list, name: str, mode: str, ops: bool) -> tup
     failure is fake or meta mode's own (values they lack, an op they cannot run), what it could not do."""
     failure, limit = None, ""
     with model_preserved(model), torch.no_grad():
-        shadow = None if mode == "real" else fake.Shadow(mode, keep=True)
+        converts = [*_tensors(model), *(t for t in torch.utils._pytree.tree_leaves(values) if isinstance(t, torch.Tensor))]
+        shadow = None if mode == "real" else fake.Shadow(mode, keep=True, converts=converts)
         if shadow is None:
             args, kwargs = build_call(model, values)
         else:
