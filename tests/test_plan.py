@@ -56,6 +56,7 @@ def test_plan_equals_the_step_run_for_real(shell, bench, name, optimizer, amp):
 def test_checkpointing_plan_equals_the_real_step_and_leaves_grads_alone(shell, bench):
     """Checkpointed blocks run their forward again in backward: on the stand-ins, never on the
     user's parameters (which would get gradients)."""
+    pytest.importorskip("transformers")
     model, x = bench.build("GPT-2 tiny")
     model(x).logits.sum().backward()  # the user's own gradients, which must stay as they are
     shell.ns.update(gpt=model, ids=x)
@@ -103,12 +104,11 @@ def test_largest_batch_search_is_exact_on_lines_and_kinks():
 def test_llama_7b_on_meta(shell):
     """6.7B parameters in bfloat16 with AdamW: 54 GB of model states before any activation, planned
     on a machine with less memory than that, without allocating any of it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=32, vocab_size=32000)
     with torch.device("meta"):
-        shell.ns["llama"] = LlamaForCausalLM(config)
+        shell.ns["llama"] = transformers.LlamaForCausalLM(config)
     p = shell.run("%memory plan llama 1,2048 --dtype bfloat16")
     assert p.parameters == 6_738_415_616 * 2 and p.gradients == p.parameters
     assert p.optimizer_state >= 2 * p.parameters and p.activations > 8 * 2**30
@@ -125,6 +125,7 @@ def test_ddp_adds_its_gradient_buckets(notes):
 
 
 def test_fsdp_and_zero2_shard_model_states_on_a_fake_process_group(shell, bench):
+    pytest.importorskip("transformers")
     model, x = bench.build("Llama tiny")
     shell.ns.update(llama=model, ids=x)
     one = shell.run("%memory plan llama ids")
