@@ -120,7 +120,7 @@ def kernel_worker() -> dict:
     """A real kernel: the time from a cell's request to its reply, as a notebook waits for it."""
     from jupyter_client.manager import start_new_kernel
 
-    km, kc = start_new_kernel(kernel_name="python3", extra_env={"PYTHONPATH": ROOT})
+    km, kc = start_new_kernel(kernel_name="python3", env={**os.environ, "PYTHONPATH": ROOT})
     out = {}
     try:
         def execute(code: str) -> float:
