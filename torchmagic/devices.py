@@ -6,7 +6,7 @@ import sys
 import torch
 from torch import nn
 
-from . import render
+from . import render, torchapi
 from .errors import TorchMagicError
 from .results import CudaInfo, DeviceReport, MoveReport
 
@@ -179,10 +179,10 @@ class _Undo:
 
     def module(self, module: nn.Module):
         for sub in module.modules():
-            for key, p in sub._parameters.items():
+            for key, p in torchapi.parameter_slots(sub).items():
                 if p is not None:
                     self.param(sub, key, p)
-            for key, b in sub._buffers.items():
+            for key, b in torchapi.buffer_slots(sub).items():
                 self.buffers.append((sub, key, b))
 
     def optimizer(self, opt: torch.optim.Optimizer):
@@ -191,14 +191,14 @@ class _Undo:
     def restore(self):
         for owner, key, p, data, grad, grad_data in reversed(self.params):
             if owner is not None:
-                owner._parameters[key] = p  # a target that cannot share the tensor type gets new Parameters
+                torchapi.parameter_slots(owner)[key] = p  # a target that cannot share the tensor type gets new Parameters
             p.grad = None  # the grad may be on the other device for a moment
             p.data = data
             if grad is not None:
                 grad.data = grad_data
                 p.grad = grad
         for owner, key, b in self.buffers:
-            owner._buffers[key] = b
+            torchapi.buffer_slots(owner)[key] = b
         for state, saved in self.states:
             state.clear()
             state.update(saved)

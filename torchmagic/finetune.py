@@ -10,6 +10,7 @@ import fnmatch
 
 from torch import nn
 
+from . import torchapi
 from .errors import TorchMagicError
 from .results import FreezeReport, FreezeRow
 
@@ -99,7 +100,7 @@ def set_trainable(model: nn.Module, name: str, patterns: list[str], *, trainable
             notes.append("frozen parameters keep their .grad, and optimizers still apply a .grad that is not None: "
                          "call optimizer.zero_grad() before your own next step (%%trainstep clears them itself)")
         ids = {id(p) for _, p in chosen}
-        norms = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+        norms = [n for n, m in model.named_modules() if isinstance(m, torchapi.NormBase)
                  and m.track_running_stats and any(id(p) in ids for p in m.parameters(recurse=False))]
         if norms:
             notes.append(f"frozen BatchNorm layers ({', '.join(norms[:4])}{', ...' if len(norms) > 4 else ''}) still "

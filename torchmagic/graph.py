@@ -11,8 +11,8 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch.nn.functional as F
 

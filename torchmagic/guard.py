@@ -8,7 +8,9 @@ import threading
 import torch
 from torch import nn
 
+from . import torchapi
 from .fake import has_data
+
 
 class RngState:
     """The global torch RNGs: CPU and every initialised CUDA device."""
@@ -41,12 +43,12 @@ class BufferState:
     def __init__(self, model: nn.Module):
         with torch.no_grad():
             self.saved = [(m, name, buf, buf.clone() if buf is not None and has_data(buf) else None)
-                          for m in model.modules() for name, buf in m._buffers.items()]
+                          for m in model.modules() for name, buf in torchapi.buffer_slots(m).items()]
 
     def restore(self):
         with torch.no_grad():
             for m, name, buf, copy in self.saved:
-                m._buffers[name] = buf
+                torchapi.buffer_slots(m)[name] = buf
                 # Write back only what changed: copy_ bumps the autograd version, and a pending backward
                 # that saved the buffer (BatchNorm in eval mode saves its running stats) would then fail.
                 # (Kernels such as batch_norm write running stats without bumping it: compare values.)

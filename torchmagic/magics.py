@@ -455,7 +455,7 @@ class TorchMagics(Magics):
         a learning-rate slider per param group, Step, Try (preview, then undone) and Undo.
         """
         __tracebackhide__ = True  # noqa: F841
-        from . import training, ui
+        from . import training, transaction, ui
 
         args = self._parse(self.trainstep, line)
         model = self._module(args.model)
@@ -474,7 +474,7 @@ class TorchMagics(Magics):
         if rates is not None and args.no_undo:
             raise TorchMagicError("--sweep puts everything back after each rate, which needs the copies --no-undo leaves "
                                   "out: drop --no-undo")
-        training.check_pair(model, optimizer, args.model, args.optimizer)
+        transaction.check_pair(model, optimizer, args.model, args.optimizer)
         if lrs is not None and len(lrs) not in (1, len(optimizer.param_groups)):
             raise TorchMagicError(f"--lr gives {len(lrs)} rates for {len(optimizer.param_groups)} param groups: "
                                   f"give one, or one per group")

@@ -35,7 +35,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import fake
+from . import fake, torchapi
 from .errors import TorchMagicError
 from .guard import model_preserved
 from .inputs import ShapeSpec, first_leaf, model_device_dtype
@@ -179,9 +179,7 @@ def _storages(t: torch.Tensor):
 
 def is_wrapper(t) -> bool:
     """A tensor subclass whose data lives in tensors inside it (DTensor), not in a storage of its own."""
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
-    return is_traceable_wrapper_subclass(t)
+    return torchapi.is_traceable_wrapper_subclass(t)
 
 
 class Ledger(fake.TorchDispatchMode or object):
@@ -257,12 +255,12 @@ class Ledger(fake.TorchDispatchMode or object):
                 self.peaks[phase] = (self.total, dict(self.totals))
 
     def current_phase(self) -> str:
-        return "backward" if torch._C._current_graph_task_id() != -1 else self.phase
+        return "backward" if torchapi.in_backward() else self.phase
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         __tracebackhide__ = True  # noqa: F841  tracebacks of the user's code do not show this frame
         kwargs = kwargs or {}
-        for t in torch.utils._pytree.tree_leaves((args, kwargs)):
+        for t in torchapi.tree_leaves((args, kwargs)):
             if isinstance(t, torch.Tensor) and fake.has_data(t):
                 self.add(t, "inputs")  # a real tensor the user's cell reads (its batch): counted from its first use
                 if self.fake_of is not None:
@@ -272,7 +270,7 @@ class Ledger(fake.TorchDispatchMode or object):
             self.end_forward()
         out = func(*args, **kwargs)
         kind = "activations" if phase == "forward" else "temporaries"
-        for t in torch.utils._pytree.tree_leaves(out):
+        for t in torchapi.tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self.add(t, kind)
         if func.namespace in ("fsdp", "c10d"):
@@ -280,11 +278,11 @@ class Ledger(fake.TorchDispatchMode or object):
         return out
 
     def _fsdp(self, func, args, kwargs, out):
-        kind = _FSDP_OPS.get(f"{func.namespace}.{func._opname}")
+        kind = _FSDP_OPS.get(f"{func.namespace}.{torchapi.op_name(func)}")
         if kind == "gradients":
             self.reclassify(args[0], kind)
         elif kind is not None:
-            for t in torch.utils._pytree.tree_leaves((args, kwargs, out)):
+            for t in torchapi.tree_leaves((args, kwargs, out)):
                 if isinstance(t, torch.Tensor) and self._kind_of(t) in ("activations", "temporaries"):
                     self.reclassify(t, kind)
 
@@ -456,13 +454,11 @@ def swapped(model: nn.Module, state: dict[str, torch.Tensor]):
     that fails: the error reaches the user once, as a result."""
     import logging
 
-    from torch.nn.utils.stateless import _reparametrize_module
-
     log = logging.getLogger("torch._subclasses.fake_tensor")
     level = log.level
     log.setLevel(logging.CRITICAL)
     try:
-        with _reparametrize_module(model, state, tie_weights=True, strict=False):
+        with torchapi.reparametrize_module(model, state, tie_weights=True, strict=False):
             yield
     finally:
         log.setLevel(level)
@@ -491,7 +487,7 @@ def batch_of(values: list) -> int | None:
     for v in values:
         if isinstance(v, ShapeSpec):
             return v.dims[0] if v.dims else None
-        for t in torch.utils._pytree.tree_leaves(v):
+        for t in torchapi.tree_leaves(v):
             if isinstance(t, torch.Tensor):
                 return t.shape[0] if t.dim() else None
     return None
@@ -730,7 +726,7 @@ class Planner:
         values = fake_inputs(self.shadow, self.user_model, self.values, self.target.run_on, self.cast, batch,
                              self.old_batch)
         args, kwargs, how = call_of(self.user_model, values, checkpointing=bool(self.blocks))
-        for t in torch.utils._pytree.tree_leaves((args, kwargs)):
+        for t in torchapi.tree_leaves((args, kwargs)):
             if isinstance(t, torch.Tensor):
                 ledger.add(t, "inputs")
 
@@ -830,7 +826,7 @@ def fake_process_group(devices: int):
         yield None
         return
     try:
-        from torch.testing._internal.distributed.fake_pg import FakeStore
+        FakeStore = torchapi.fake_store_class()
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard  # noqa: F401  (FSDP2: torch 2.6 and newer)
     except ImportError:
@@ -1024,7 +1020,7 @@ class CellPlanner(Planner):
         super().__init__(model, [], optimizer=optimizer, **options)
 
     def forward(self, ledger: Ledger, batch: int | None):
-        from .training import check_loss
+        from .transaction import check_loss
 
         def run():
             __tracebackhide__ = True  # noqa: F841

@@ -135,6 +135,11 @@ def _widths(columns: list[str], rows: list[list[str]]) -> list[int]:
     return widths
 
 
+def places(columns: list[str], names) -> set[int]:
+    """Where the columns called `names` are: the numeric columns, right-aligned, declared by name."""
+    return {i for i, c in enumerate(columns) if c in names}
+
+
 def text_table(columns: list[str], rows: list[list[str]], numeric: set[int] = frozenset(),
                width: int | None = None, squeeze: set[int] = frozenset()) -> str:
     """Aligned columns. With `width`, the long values of the `squeeze` columns are elided in the
@@ -345,3 +350,12 @@ def nbytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
+
+
+def si(n: float) -> str:
+    """1234567 -> '1.23 M': FLOPs are read as orders of magnitude."""
+    for unit in ("", " K", " M", " G", " T", " P"):
+        if abs(n) < 1000 or unit == " P":
+            return f"{n:.0f}{unit}" if unit == "" else f"{n:.3g}{unit}"
+        n /= 1000
+    return str(n)

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
+from . import torchapi
 from .errors import TorchMagicError
 from .fake import has_data
 from .results import ParamRow, ParamSummary, ShapeRow, ShapeTrace
@@ -58,7 +59,7 @@ def _counted(module: nn.Module, name: str, p: nn.Parameter) -> int:
     an uninitialized parameter of a lazy layer counts nothing."""
     if is_lazy(p):
         return 0
-    mask = module._buffers.get(name[:-len("_orig")] + "_mask") if name.endswith("_orig") else None
+    mask = torchapi.buffer_slots(module).get(name[:-len("_orig")] + "_mask") if name.endswith("_orig") else None
     if mask is not None and mask.shape == p.shape and has_data(mask):
         return int(mask.count_nonzero())
     return p.numel()

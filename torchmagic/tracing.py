@@ -14,7 +14,7 @@ from torch.nn.modules import module as nn_module
 from torch.nn.parameter import is_lazy
 from torch.overrides import TorchFunctionMode
 
-from . import explain, fake, render
+from . import explain, fake, render, torchapi
 from .errors import TorchMagicError
 from .guard import interrupts_deferred, model_preserved
 from .inputs import ShapeSpec, build_call, first_leaf, model_device_dtype
@@ -137,7 +137,7 @@ def class_name(module: nn.Module) -> str:
 
 def _tensor_leaves(value, depth: int = 0):
     """The tensors inside value, dataclasses (a model's output object) opened too."""
-    for leaf in torch.utils._pytree.tree_leaves(value):
+    for leaf in torchapi.tree_leaves(value):
         if isinstance(leaf, torch.Tensor):
             yield leaf
         elif depth < 3 and dataclasses.is_dataclass(leaf) and not isinstance(leaf, type):
@@ -145,7 +145,7 @@ def _tensor_leaves(value, depth: int = 0):
 
 
 def _has_tensor(value) -> bool:
-    return any(isinstance(t, torch.Tensor) for t in torch.utils._pytree.tree_leaves(value))
+    return any(isinstance(t, torch.Tensor) for t in torchapi.tree_leaves(value))
 
 
 def module_names(model: nn.Module, root: str, prefix: bool = False) -> dict[int, str]:
@@ -326,7 +326,7 @@ class Recorder:
                     if self.with_ops:  # the data flow (sources, results) serves the graph, drawn from the ops
                         row.sources += self._sources(kwargs, outer=not self.stack)
                         self._returned(row, output)
-                    if module._forward_hooks:
+                    if torchapi.has_forward_hooks(module):
                         self.hooks_pending = index
                     break
                 self.rows[index].status = "failed"
@@ -464,12 +464,12 @@ def recording(recorder: Recorder, *, ops: bool = True, shadow: fake.Shadow | Non
             with interrupts_deferred():
                 for h in handles:
                     h.remove()
-                    nn_module._global_forward_hooks_with_kwargs.pop(h.id, None)
+                    torchapi.drop_global_forward_hook(h.id)
         except KeyboardInterrupt:
             with interrupts_deferred():
                 for h in handles:
                     h.remove()
-                    nn_module._global_forward_hooks_with_kwargs.pop(h.id, None)
+                    torchapi.drop_global_forward_hook(h.id)
             raise
 
 
@@ -507,7 +507,7 @@ def _numel(values) -> int:
                 n *= d
             total += n
         else:
-            total += sum(t.numel() for t in torch.utils._pytree.tree_leaves(v) if isinstance(t, torch.Tensor))
+            total += sum(t.numel() for t in torchapi.tree_leaves(v) if isinstance(t, torch.Tensor))
     return total
 
 
@@ -520,7 +520,7 @@ def choose_mode(model: nn.Module, values: list) -> tuple[str, str]:
     """auto: which mode, and why in words."""
     if any(t.device.type == "meta" and not fake.is_fake(t) for t in _tensors(model)):
         return "meta", "the model is on the meta device (no data): meta tensors give the shapes"
-    if any(fake.is_fake(t) for t in _tensors(model)) or any(fake.is_fake(t) for t in torch.utils._pytree.tree_leaves(values)):
+    if any(fake.is_fake(t) for t in _tensors(model)) or any(fake.is_fake(t) for t in torchapi.tree_leaves(values)):
         return "fake", "the model or input holds fake tensors"
     if fake.UNAVAILABLE:
         return "real", f"fake tensors are not available ({fake.UNAVAILABLE})"
@@ -560,7 +560,7 @@ def _run(model: nn.Module, values: list, name: str, mode: str, ops: bool) -> tup
     failure is fake or meta mode's own (values they lack, an op they cannot run), what it could not do."""
     failure, limit = None, ""
     with model_preserved(model), torch.no_grad():
-        converts = [*_tensors(model), *(t for t in torch.utils._pytree.tree_leaves(values) if isinstance(t, torch.Tensor))]
+        converts = [*_tensors(model), *(t for t in torchapi.tree_leaves(values) if isinstance(t, torch.Tensor))]
         shadow = None if mode == "real" else fake.Shadow(mode, keep=True, converts=converts)
         if shadow is None:
             args, kwargs = build_call(model, values)
