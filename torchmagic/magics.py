@@ -5,11 +5,8 @@ Each magic imports the core modules it uses when it first runs, so that `%load_e
 imports this module alone (python bench/startup.py measures it)."""
 from __future__ import annotations
 
-import ast
-import collections
 import functools
 import math
-import os
 import re
 import sys
 import weakref
@@ -48,7 +45,8 @@ def usage_errors(func):
     return wrapper
 
 
-def _a(noun: str) -> str:
+def with_article(noun: str) -> str:
+    """'Tensor' -> 'a Tensor', 'int' -> 'an int': the type in a sentence."""
     return f"an {noun}" if noun[:1].lower() in "aeiou" else f"a {noun}"
 
 
@@ -67,8 +65,7 @@ class TorchMagics(Magics):
         super().__init__(shell=shell, **kwargs)
         self.selected_device: str | None = None
         self._ledgers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> StepLedger
-        self._meter = None  # a memory.CellMeter while %memory is on
-        self._memory_history: collections.deque = collections.deque(maxlen=1000)
+        self._memory = None  # a memory.CellReporter from the first %memory on
         self._configure_width()
 
     @observe("text_width")
@@ -82,7 +79,16 @@ class TorchMagics(Magics):
 
     def close(self):
         """Called when the extension is unloaded: remove the event handlers this instance registered."""
-        self._memory_stop()
+        if self._memory is not None:
+            self._memory.stop()
+
+    def _memory_reporter(self):
+        if self._memory is None:
+            from .memory import CellReporter
+
+            self._memory = CellReporter(self.shell, display, lambda: self.memory_min_change,
+                                        lambda: self.selected_device)
+        return self._memory
 
     # ------------------------------------------------------------ helpers
 
@@ -122,7 +128,7 @@ class TorchMagics(Magics):
     def _module(self, expr: str) -> nn.Module:
         value = self._eval(expr)
         if not isinstance(value, nn.Module):
-            raise TorchMagicError(f"{expr!r} is {_a(type(value).__name__)}, not a torch.nn.Module: "
+            raise TorchMagicError(f"{expr!r} is {with_article(type(value).__name__)}, not a torch.nn.Module: "
                                   f"give the model (an nn.Module such as net = Net()) first")
         return value
 
@@ -201,8 +207,6 @@ class TorchMagics(Magics):
         A plan computes nothing and allocates no activation; the model, optimizer and RNG stay as
         they were. %%trainstep MODEL OPT --plan plans your own cell.
         """
-        from .results import MemoryStatus
-
         args = self._parse(self.memory, line)
         action = args.action
         if action == "plan":
@@ -215,18 +219,9 @@ class TorchMagics(Magics):
         if given:
             raise TorchMagicError(f"%memory: {given[0]} is for %memory plan MODEL INPUT: use it there; "
                                   f"see %memory? for usage")
-        if action == "on":
-            return self._memory_start()
-        if action == "off":
-            was_on = self._memory_stop()
-            return MemoryStatus("memory reporting off" if was_on else "memory reporting was not on",
-                                [f"{len(self._memory_history)} cells in the history: %memory shows them"])
-        if action == "clear":
-            self._memory_history.clear()
-            return MemoryStatus("memory history cleared")
-        if action == "release":
-            return self._memory_release()
-        return self._memory_report()
+        reporter = self._memory_reporter()
+        actions = {"on": reporter.start, "off": reporter.off, "clear": reporter.clear, "release": reporter.release}
+        return actions.get(action, reporter.report)()
 
     def _memory_plan(self, args):
         from . import plan
@@ -245,80 +240,6 @@ class TorchMagics(Magics):
                                 optimizer_name=name, dtype=args.dtype, amp=args.amp, device=args.device,
                                 budget=args.budget, checkpointing=args.checkpointing, devices=args.devices,
                                 shard=args.shard)
-
-    def _memory_start(self):
-        from . import memory
-        from .render import nbytes
-        from .results import MemoryStatus
-
-        if self._meter is not None:
-            return MemoryStatus("memory reporting is already on", self._meter.describe())
-        self._meter = memory.CellMeter()
-        self.shell.events.register("pre_run_cell", self._memory_pre)
-        self.shell.events.register("post_run_cell", self._memory_post)
-        threshold = nbytes(self.memory_min_change)
-        return MemoryStatus(f"memory reporting on: a line after each cell that changes memory by {threshold} or more",
-                            [*self._meter.describe(), "%memory shows the history, %memory off stops"])
-
-    def _memory_stop(self) -> bool:
-        if self._meter is None:
-            return False
-        for event, handler in (("pre_run_cell", self._memory_pre), ("post_run_cell", self._memory_post)):
-            if handler in self.shell.events.callbacks[event]:
-                self.shell.events.unregister(event, handler)
-        self._meter.close()
-        self._meter = None
-        return True
-
-    def _memory_pre(self, info=None):
-        try:
-            self._meter.begin(prefer=self.selected_device)
-        except Exception as e:  # a failing handler would print a traceback before every cell
-            self._memory_failed(e)
-
-    def _memory_post(self, result=None):
-        if self._meter is None:
-            return
-        source = getattr(getattr(result, "info", None), "raw_cell", None) or ""
-        try:
-            record = self._meter.end(getattr(result, "execution_count", None), source,
-                                     getattr(result, "error_in_exec", None))
-        except Exception as e:
-            self._memory_failed(e)
-            return
-        if record is None or source.lstrip().startswith("%memory"):
-            return  # an empty cell, or %memory itself
-        self._memory_history.append(record)
-        if record.notable(self.memory_min_change):
-            display(record)
-
-    def _memory_failed(self, error: Exception):
-        from .results import MemoryStatus
-
-        self._memory_stop()
-        display(MemoryStatus(f"%memory turned itself off: measuring failed with {type(error).__name__}: {error}"))
-
-    def _memory_report(self):
-        from . import memory
-        from .render import nbytes
-        from .results import MemoryHistory
-
-        notes = [] if self._memory_history else ["nothing measured yet: %memory on starts measuring every cell"]
-        count, size = memory.tensors_held_by(getattr(sys, "last_value", None))
-        if count:
-            notes.append(f"the last error keeps {count} tensor{'s' if count != 1 else ''} ({nbytes(size)}) alive "
-                         f"in its traceback: %memory release frees them")
-        measures = self._meter.describe() if self._meter is not None else []
-        return MemoryHistory(list(self._memory_history), on=self._meter is not None, measures=measures, notes=notes)
-
-    def _memory_release(self):
-        from . import memory
-
-        last = getattr(self.shell, "last_execution_result", None)
-        tb_printer = getattr(self.shell, "InteractiveTB", None)
-        if getattr(tb_printer, "tb", None) is not None:
-            del tb_printer.tb  # IPython's traceback printer keeps the last traceback for %debug
-        return memory.release([getattr(last, "error_in_exec", None)])
 
     # ------------------------------------------------------------ %shapes
 
@@ -372,18 +293,13 @@ class TorchMagics(Magics):
     def _shapes_cell(self, line, cell):
         """Errors in the cell are the user's: the table of what ran shows first, then the traceback."""
         __tracebackhide__ = True  # noqa: F841
-        from . import tracing
+        from . import tracing, usercell
 
         args = self._parse(self.shapes, line)
         if args.model or args.mode:
             raise TorchMagicError("%%shapes traces the cell as it runs, with --ops and --depth only; "
                                   "for one model call use %shapes MODEL INPUT")
-        source = self.shell.transform_cell(cell)
-        filename = self.shell.compile.cache(source, running_cell_number(self.shell))
-        try:
-            code = compile(source, filename, "exec")
-        except SyntaxError as e:
-            raise TorchMagicError(f"the cell has a syntax error on line {e.lineno}: {e.msg}") from None
+        code, filename = usercell.compile_cell(self.shell, cell, running_cell_number(self.shell))
         ns = self.shell.user_ns
         trace, error = tracing.trace_cell(lambda: exec(code, ns), lambda: tracing.namespace_names(ns),
                                           ops=args.ops, depth=args.depth)
@@ -392,7 +308,7 @@ class TorchMagics(Magics):
             return shown
         if trace.rows:
             display(shown)
-        raise error.with_traceback(_user_frames(error.__traceback__, filename)) from None
+        raise usercell.users_own(error, filename) from None
 
     # ------------------------------------------------------------ %summary
 
@@ -455,13 +371,13 @@ class TorchMagics(Magics):
         a learning-rate slider per param group, Step, Try (preview, then undone) and Undo.
         """
         __tracebackhide__ = True  # noqa: F841
-        from . import training, transaction, ui
+        from . import training, transaction, ui, usercell
 
         args = self._parse(self.trainstep, line)
         model = self._module(args.model)
         optimizer = self._eval(args.optimizer)
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TorchMagicError(f"{args.optimizer!r} is {_a(type(optimizer).__name__)}, not a torch.optim.Optimizer: "
+            raise TorchMagicError(f"{args.optimizer!r} is {with_article(type(optimizer).__name__)}, not a torch.optim.Optimizer: "
                                   f"give %%trainstep MODEL OPTIMIZER, e.g. %%trainstep net optimizer")
         if args.plan:
             return self._trainstep_plan(args, model, optimizer, cell)
@@ -478,11 +394,11 @@ class TorchMagics(Magics):
         if lrs is not None and len(lrs) not in (1, len(optimizer.param_groups)):
             raise TorchMagicError(f"--lr gives {len(lrs)} rates for {len(optimizer.param_groups)} param groups: "
                                   f"give one, or one per group")
-        body, evaluate = self._loss_body(cell)
+        body, evaluate = usercell.compile_loss(self.shell, cell, running_cell_number(self.shell))
         widget = self.widgets and not args.no_widget and ui.has_widget_frontend(self.shell)
         session = training.StepSession(model, optimizer, body, evaluate, model_name=args.model, ledgers=self._ledgers,
                                        keep_undo=widget, copies=not args.no_undo)
-        call = functools.partial(_user_call, body.filename, self.shell.user_ns)
+        call = functools.partial(usercell.user_call, display, body.filename, self.shell.user_ns)
         if rates is not None:
             result = call(session.sweep, rates)
         elif args.steps > 1:
@@ -496,7 +412,7 @@ class TorchMagics(Magics):
     def _trainstep_plan(self, args, model, optimizer, cell):
         """The cell runs in a copy of the namespace in which the optimizer's name is its stand-in."""
         __tracebackhide__ = True  # noqa: F841
-        from . import plan
+        from . import plan, usercell
 
         if args.lr is not None or args.steps != 1 or args.eval or args.sweep is not None:
             raise TorchMagicError("--plan takes no --lr, --steps, --eval or --sweep: it plans one step of the cell; "
@@ -504,17 +420,16 @@ class TorchMagics(Magics):
         if not args.optimizer.isidentifier():
             raise TorchMagicError(f"--plan binds the optimizer's name to a stand-in while the cell runs: give it by "
                                   f"name, e.g. opt = {args.optimizer} first, then %%trainstep {args.model} opt --plan")
-        body, aside = self._loss_body(cell)
-        head, tail, ns = aside.args
+        body, _ = usercell.compile_loss(self.shell, cell, running_cell_number(self.shell))
         cell_ns = {}  # kept until the planned step ends: the cell's variables live through backward, as they do
 
         def run(stand_in):
-            cell_ns.update(ns)
+            cell_ns.update(self.shell.user_ns)
             cell_ns[args.optimizer] = stand_in
-            return _run_body(head, tail, cell_ns)
+            return usercell.run_in(body, cell_ns)
 
         planned = functools.partial(plan.plan_cell, name=args.model, budget=args.budget)
-        return _user_call(body.filename, self.shell.user_ns, planned, model, optimizer, run)
+        return usercell.user_call(display, body.filename, self.shell.user_ns, planned, model, optimizer, run)
 
     def _sweep_rates(self, args) -> list[float]:
         from . import training
@@ -528,31 +443,6 @@ class TorchMagics(Magics):
         if not 2 <= points <= 200:
             raise TorchMagicError(f"--points {points}: give between 2 and 200 rates")
         return training.sweep_rates(lo, hi, points)
-
-    def _loss_body(self, cell: str):
-        """Compile the cell: all but the last statement run, the last expression is the loss.
-        Also a second body for --eval / Try / --sweep that runs in a copy of the namespace, so that
-        rerunning the cell does not rebind the user's variables."""
-        source = self.shell.transform_cell(cell)
-        try:
-            tree = ast.parse(source)
-        except SyntaxError as e:
-            raise TorchMagicError(f"the cell has a syntax error on line {e.lineno}: {e.msg}; fix it and run the "
-                                  f"cell again") from None
-        if not tree.body:
-            raise TorchMagicError("the cell is empty: compute the loss in it, its last line being the loss, "
-                                  "e.g. criterion(net(x), y)")
-        if not isinstance(tree.body[-1], ast.Expr):
-            raise TorchMagicError("the cell's last line must be the loss expression, e.g. `loss` or "
-                                  "`criterion(out, y)`, not a statement")
-        filename = self.shell.compile.cache(source, running_cell_number(self.shell))
-        head = compile(ast.Module(body=tree.body[:-1], type_ignores=[]), filename, "exec")
-        tail = compile(ast.Expression(body=tree.body[-1].value), filename, "eval")
-        ns = self.shell.user_ns
-        body = functools.partial(_run_body, head, tail, ns)
-        body.filename = filename
-        evaluate = functools.partial(_run_body_aside, head, tail, ns)
-        return body, evaluate
 
     # ------------------------------------------------------------ %freeze / %unfreeze
 
@@ -633,56 +523,6 @@ def _parse_rates(text: str, option: str, example: str, sep: str = ",") -> list[f
     if not values or not all(v > 0 and math.isfinite(v) for v in values) or (sep == ":" and len(values) != 2):
         raise TorchMagicError(f"{option} {text}: give positive learning rates, e.g. {example}")
     return values
-
-
-def _user_call(filename, ns, fn, *args):
-    """Run a step action. An error from the user's cell keeps only the user's frames; a forward that
-    failed on a shape is explained first, as %shapes would explain it."""
-    __tracebackhide__ = True  # noqa: F841
-    try:
-        return fn(*args)
-    except (TorchMagicError, KeyboardInterrupt):
-        raise
-    except Exception as e:
-        from . import tracing
-        from .results import ExplainedError
-
-        failure = tracing.explain_traceback(e, tracing.namespace_names(ns))
-        if failure is not None:
-            display(ExplainedError(failure))
-        raise e.with_traceback(_user_frames(e.__traceback__, filename)) from None
-
-
-def _run_body(head, tail, ns):
-    exec(head, ns)
-    return eval(tail, ns)
-
-
-def _run_body_aside(head, tail, ns):
-    return _run_body(head, tail, dict(ns))
-
-
-_NOT_USERS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, sys.modules[__package__]))
-
-
-def _user_frames(tb, filename):
-    """The traceback from the first frame of the user's cell on, without the frames of torch and
-    torchmagic in between or at the end: the user's own code, down to the line that failed."""
-    start = tb
-    while start is not None and start.tb_frame.f_code.co_filename != filename:
-        start = start.tb_next
-    if start is None:
-        return tb
-    last = start
-    while last.tb_next is not None:
-        following = last.tb_next
-        while following is not None and following.tb_frame.f_code.co_filename.startswith(_NOT_USERS):
-            following = following.tb_next
-        last.tb_next = following
-        if following is None:
-            break
-        last = following
-    return start
 
 
 def _check_spaced_shape(texts: list[str]):

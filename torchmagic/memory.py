@@ -1,7 +1,8 @@
 """Per-cell memory accounting: what a cell left allocated and its peak, on CUDA, MPS and the CPU.
 
-No IPython here: magics.py calls `CellMeter.begin()` / `CellMeter.end()` from IPython's
-pre_run_cell / post_run_cell events. A record holds numbers and strings only, never a tensor.
+No IPython here: `CellReporter` (what `%memory on` turns on) registers `CellMeter.begin()` /
+`CellMeter.end()` on the shell's pre_run_cell / post_run_cell events, and magics.py hands it
+IPython's display. A record holds numbers and strings only, never a tensor.
 
 What can be measured honestly:
 - CUDA: torch's caching allocator counts every byte it hands out; the peak is
@@ -16,16 +17,19 @@ What can be measured honestly:
 """
 from __future__ import annotations
 
+import collections
 import gc
 import itertools
 import os
 import resource
 import sys
+from typing import Callable
 
 import torch
 from torch import nn
 
-from .results import CellMemory, MemoryRelease
+from .render import nbytes
+from .results import CellMemory, MemoryHistory, MemoryRelease, MemoryStatus
 
 
 def _mps_available() -> bool:
@@ -314,3 +318,88 @@ def release(errors: list[BaseException | None]) -> MemoryRelease:
         rss.close()
     return MemoryRelease(held_tensors=count, held_bytes=held, device=device, dev_before=dev_before,
                          dev_after=dev_after, rss_before=rss_before, rss_after=rss_after)
+
+
+class CellReporter:
+    """`%memory on`'s wiring: a CellMeter around every cell through the shell's pre_run_cell and
+    post_run_cell events, the history of what it measured, and a line after each cell that changed
+    memory by `threshold()` bytes or more, shown with `show` (IPython's display). `threshold()` and
+    `device()` (the device %device selected) are read at each cell: the config can change them."""
+
+    def __init__(self, shell, show: Callable[[object], None], threshold: Callable[[], int],
+                 device: Callable[[], str | None]):
+        self.shell, self.show, self.threshold, self.device = shell, show, threshold, device
+        self.meter: CellMeter | None = None
+        self.history: collections.deque = collections.deque(maxlen=1000)
+
+    def start(self) -> MemoryStatus:
+        if self.meter is not None:
+            return MemoryStatus("memory reporting is already on", self.meter.describe())
+        self.meter = CellMeter()
+        self.shell.events.register("pre_run_cell", self._pre)
+        self.shell.events.register("post_run_cell", self._post)
+        return MemoryStatus(f"memory reporting on: a line after each cell that changes memory by "
+                            f"{nbytes(self.threshold())} or more",
+                            [*self.meter.describe(), "%memory shows the history, %memory off stops"])
+
+    def stop(self) -> bool:
+        """Unregister the handlers; False when reporting was not on."""
+        if self.meter is None:
+            return False
+        for event, handler in (("pre_run_cell", self._pre), ("post_run_cell", self._post)):
+            if handler in self.shell.events.callbacks[event]:
+                self.shell.events.unregister(event, handler)
+        self.meter.close()
+        self.meter = None
+        return True
+
+    def off(self) -> MemoryStatus:
+        was_on = self.stop()
+        return MemoryStatus("memory reporting off" if was_on else "memory reporting was not on",
+                            [f"{len(self.history)} cells in the history: %memory shows them"])
+
+    def clear(self) -> MemoryStatus:
+        self.history.clear()
+        return MemoryStatus("memory history cleared")
+
+    def _pre(self, info=None):
+        try:
+            self.meter.begin(prefer=self.device())
+        except Exception as e:  # a failing handler would print a traceback before every cell
+            self._failed(e)
+
+    def _post(self, result=None):
+        if self.meter is None:
+            return
+        source = getattr(getattr(result, "info", None), "raw_cell", None) or ""
+        try:
+            record = self.meter.end(getattr(result, "execution_count", None), source,
+                                    getattr(result, "error_in_exec", None))
+        except Exception as e:
+            self._failed(e)
+            return
+        if record is None or source.lstrip().startswith("%memory"):
+            return  # an empty cell, or %memory itself
+        self.history.append(record)
+        if record.notable(self.threshold()):
+            self.show(record)
+
+    def _failed(self, error: Exception):
+        self.stop()
+        self.show(MemoryStatus(f"%memory turned itself off: measuring failed with {type(error).__name__}: {error}"))
+
+    def report(self) -> MemoryHistory:
+        notes = [] if self.history else ["nothing measured yet: %memory on starts measuring every cell"]
+        count, size = tensors_held_by(getattr(sys, "last_value", None))
+        if count:
+            notes.append(f"the last error keeps {count} tensor{'s' if count != 1 else ''} ({nbytes(size)}) alive "
+                         f"in its traceback: %memory release frees them")
+        measures = self.meter.describe() if self.meter is not None else []
+        return MemoryHistory(list(self.history), on=self.meter is not None, measures=measures, notes=notes)
+
+    def release(self) -> MemoryRelease:
+        last = getattr(self.shell, "last_execution_result", None)
+        tb_printer = getattr(self.shell, "InteractiveTB", None)
+        if getattr(tb_printer, "tb", None) is not None:
+            del tb_printer.tb  # IPython's traceback printer keeps the last traceback for %debug
+        return release([getattr(last, "error_in_exec", None)])
