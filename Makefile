@@ -5,12 +5,12 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0+cpu
 BIN := $(VENV)/bin
 
-.PHONY: demo test unit zoo compat wheel clean frontend frontend-kernel frontend-terminal frontend-browser screenshots gpu-wheels gpu-wheels-check
+.PHONY: demo test lint unit zoo compat wheel clean frontend frontend-kernel frontend-terminal frontend-browser screenshots gpu-wheels gpu-wheels-check
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[test]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[test,lint]"
 	touch $@
 
 # The reference notes replayed with the magics in the real `ipython` program.
@@ -18,7 +18,13 @@ demo: $(BIN)/.installed
 	$(BIN)/ipython --simple-prompt --no-banner --no-confirm-exit --colors=nocolor < examples/pytorch_basics.ipy
 
 # Everything CI runs.
-test: unit zoo frontend-kernel frontend-terminal frontend-browser compat wheel
+test: lint unit zoo frontend-kernel frontend-terminal frontend-browser compat wheel
+
+# ruff (pyflakes, pycodestyle, bugbear, import order; [tool.ruff] in pyproject.toml) over the package,
+# the benchmarks and the tests; mypy over the package. Both pinned in the `lint` extra.
+lint: $(BIN)/.installed
+	$(BIN)/ruff check torchmagic bench tests
+	$(BIN)/mypy
 
 # With the zoo extra (transformers) installed, so that the unit tests that build a Hugging Face model
 # run here rather than skip; the old-stack venv (compat) has no transformers, and skips them.
@@ -28,7 +34,7 @@ unit: $(BIN)/.zoo-installed $(BIN)/.graphviz-installed
 # Every causal-LM architecture of the pinned transformers (the `zoo` extra), built from a tiny config
 # with random weights, offline, through the magics; prints the pass table.
 $(BIN)/.zoo-installed: $(BIN)/.installed
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[test,zoo]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[test,lint,zoo]"
 	touch $@
 
 zoo: $(BIN)/.zoo-installed

@@ -1,6 +1,7 @@
 """torchmagic: IPython magics for PyTorch. `%load_ext torchmagic`."""
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place: pyproject.toml reads it from here
+__all__ = ["__version__", "load_ipython_extension", "unload_ipython_extension"]
 
 _loaded = {}  # shell -> TorchMagics instance
 
