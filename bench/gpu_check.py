@@ -33,7 +33,6 @@ sys.path.insert(0, str(ROOT / "tests"))
 import torch  # noqa: E402
 from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
 from IPython.utils.capture import capture_output  # noqa: E402
-
 from memory import new_shell  # noqa: E402  bench/memory.py
 from test_cuda import count_syncs  # noqa: E402  tests/test_cuda.py: what the sync test counts
 
@@ -68,7 +67,8 @@ def run_tests() -> dict:
         name = f"{case.get('classname', '')}::{case.get('name')}".strip(":")
         problem = case.find("failure") if case.find("failure") is not None else case.find("error")
         if problem is not None:
-            failed.append(f"{name}: {(problem.get('message') or '').splitlines()[0][:200] if problem.get('message') else ''}")
+            failed.append(f"{name}: "
+                          f"{(problem.get('message') or '').splitlines()[0][:200] if problem.get('message') else ''}")
         elif case.find("skipped") is not None:
             skipped.append(f"{name}: {case.find('skipped').get('message', '')[:120]}")
         else:
@@ -255,11 +255,13 @@ def summary_text(s: dict) -> str:
         lines += ["", "%shapes extra GPU memory (peak allocated above the start):"]
         for k, v in b["shapes"].items():
             if isinstance(v, dict):
-                v = (f"peak +{_fmt_bytes(v['extra_peak_bytes'])}, left allocated {_fmt_bytes(v['left_allocated_bytes'])}, "
+                v = (f"peak +{_fmt_bytes(v['extra_peak_bytes'])}, left allocated "
+                     f"{_fmt_bytes(v['left_allocated_bytes'])}, "
                      f"trace ok: {v['trace_ok']}")
             lines.append(f"  {k}: {v}")
         m = b["memory"]
-        lines += ["", f"%memory per cell ({'CUDA initialised' if m['cuda'] else 'CPU'}): off {m['cell_off_us']:.1f} us, "
+        lines += ["",
+                  f"%memory per cell ({'CUDA initialised' if m['cuda'] else 'CPU'}): off {m['cell_off_us']:.1f} us, "
                       f"on {m['cell_on_us']:.1f} us, ratio {m['ratio']:.3f} ({m['added_us']:+.0f} us a cell); "
                       f"the meter alone {m['meter_us']:.1f} us"]
     lines.append("=" * 72)

@@ -41,7 +41,6 @@ from torchmagic.render import nbytes  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from trainstep import Net, mlp  # noqa: E402
 
-
 # ---------------------------------------------------------------- the models
 
 

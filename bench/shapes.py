@@ -80,19 +80,22 @@ def main():
         x = (torch.zeros(shape, dtype=torch.long) if ids else torch.randn(shape)).to(device)
         ns.update(model=model, x=x)
 
-        def plain():
+        def plain(model=model, x=x):
             with torch.no_grad():
                 model(x)
 
         rows = [("plain forward", plain)]
         if device != "meta":
-            rows.append(("torchinfo.summary", lambda: torchinfo.summary(model, input_data=[x], verbose=0)))
+            rows.append(("torchinfo.summary",
+                         lambda model=model, x=x: torchinfo.summary(model, input_data=[x], verbose=0)))
         dims = ",".join(map(str, shape))
         for mode in modes:
-            rows.append((f"%shapes --mode {mode}", lambda mode=mode: ip.run_line_magic("shapes", f"model {dims} --mode {mode}")))
+            rows.append((f"%shapes --mode {mode}", lambda mode=mode: ip.run_line_magic("shapes",
+                                                                                       f"model {dims} --mode {mode}")))
         repeat = opts.repeat if name not in ("resnet50", "gpt2") else max(3, opts.repeat // 2)
         times = median_times([fn for _, fn in rows], repeat)
-        results = [(label, t, peak_bytes(fn) if device != "meta" else 0) for (label, fn), t in zip(rows, times)]
+        results = [(label, t, peak_bytes(fn) if device != "meta" else 0) for (label, fn), t in zip(rows, times,
+                                                                                                   strict=False)]
         base = results[0][1]
         info = next((t for label, t, _ in results if label == "torchinfo.summary"), None)
         chosen = ip.run_line_magic("shapes", f"model {dims}").mode

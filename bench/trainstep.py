@@ -64,7 +64,8 @@ def cases(names):
     if "net" in names:
         model = Net()
         yield ("notes Net, batch 1, SGD", model, torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9),
-               dict(x=torch.randn(1, 1, 32, 32), y=torch.randn(1, 10), criterion=nn.MSELoss()), "criterion(model(x), y)")
+               dict(x=torch.randn(1, 1, 32, 32), y=torch.randn(1, 10), criterion=nn.MSELoss()),
+               "criterion(model(x), y)")
     if "mlp" in names:
         model = mlp()
         yield ("MLP 784-1024-1024-10, batch 64, AdamW", model, torch.optim.AdamW(model.parameters(), lr=1e-4),
@@ -100,7 +101,7 @@ def interleaved(a, b, reps, warmup=1):
 
 def _ratio(ta, tb, i) -> tuple[float, float, float]:
     """The median of the per-pair ratios and their 25th and 75th percentiles."""
-    ratios = sorted(b[i] / a[i] for a, b in zip(ta, tb))
+    ratios = sorted(b[i] / a[i] for a, b in zip(ta, tb, strict=False))
     q1, q3 = (statistics.quantiles(ratios, n=4)[0::2] if len(ratios) > 1 else (ratios[0], ratios[0]))
     return statistics.median(ratios), q1, q3
 
@@ -180,7 +181,7 @@ def main():
                     torch._foreach_copy_(buffers, sources)
                     torch._foreach_norm([p.grad for p in params])
                     opt.step()
-                    for p, b in zip(params, buffers):
+                    for p, b in zip(params, buffers, strict=False):
                         torch.linalg.vector_norm(p - b), torch.linalg.vector_norm(b)
                 del held
 
@@ -189,7 +190,8 @@ def main():
         if "step" in only:
             body = lambda: eval(loss, scope)  # noqa: E731
             session = training.StepSession(model, opt, body, None, model_name="model", keep_undo=True)
-            print(f"{title:48} {'step (core, undo kept)':26} {summary(*interleaved(hand, session.step, reps))}", flush=True)
+            print(f"{title:48} {'step (core, undo kept)':26} {summary(*interleaved(hand, session.step, reps))}",
+                  flush=True)
         if "cell" in only or "steps" in only:
             ip = shell_for(model, opt, ns)
         if "cell" in only:
@@ -202,7 +204,8 @@ def main():
             n = args.gpt2_steps if big else args.steps
             loop = f"for _ in range({n}):\n    opt.zero_grad()\n    loss = {loss}\n    loss.backward()\n    opt.step()"
             with quiet_stderr():
-                ta, tb = interleaved(lambda: ip.run_cell(loop), lambda: ip.run_cell(f"%%trainstep model opt --steps {n}\n{loss}"),
+                ta, tb = interleaved(lambda: ip.run_cell(loop),
+                                     lambda: ip.run_cell(f"%%trainstep model opt --steps {n}\n{loss}"),
                                      max(3, reps // (n // 4 or 1)) if not big else (2 if args.quick else 3))
             print(f"{title:48} {f'--steps {n}':26} {summary(ta, tb, STEPS_TARGET)}", flush=True)
 

@@ -34,7 +34,8 @@ class ParamBackup:
     `recycle`: an older backup whose copies are overwritten instead of allocating new ones (on a
     CPU, fresh large allocations cost page faults on every step, more than the copy itself)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor], recycle: ParamBackup | None = None):
+    def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
+                 recycle: ParamBackup | None = None):
         pool = recycle.pool() if recycle is not None else {}
         state = optimizer.state
         self.params = params
@@ -50,14 +51,14 @@ class ParamBackup:
         copies = _copies(sources, pool)
         self.values, rest = copies[:len(params)], iter(copies[len(params):])
         self.saved = []  # per param: {key: (original, copy)} for tensors, {key: deep copy} for the rest
-        for p, entries, plain in self.state:
+        for _, entries, plain in self.state:
             tensors = {k: (v, next(rest)) for k, v in entries.items() if isinstance(v, torch.Tensor)} if entries else {}
             self.saved.append((tensors, copy.deepcopy(plain)))
         self.state_dict = state
 
     def pool(self) -> dict[int, torch.Tensor]:
         """The copies, by the identity of what they copy."""
-        out = {id(p): v for p, v in zip(self.params, self.values)}
+        out = {id(p): v for p, v in zip(self.params, self.values, strict=False)}
         for tensors, _ in self.saved:
             out.update({id(original): value for original, value in tensors.values()})
         return out
@@ -67,7 +68,7 @@ class ParamBackup:
             if self.params:
                 torchapi.foreach_copy_([p.detach() for p in self.params], self.values)
             state = self.state_dict
-            for (p, entries, _), (tensors, plain) in zip(self.state, self.saved):
+            for (p, entries, _), (tensors, plain) in zip(self.state, self.saved, strict=False):
                 if entries is None:
                     state.pop(p, None)
                     continue
@@ -127,7 +128,8 @@ class Buffers:
                 m = ref()
                 buf = None if m is None else torchapi.buffer_slots(m).get(name, _MISSING)
                 if buf is not _MISSING and m is not None:
-                    self.saved.append((ref, name, buf, None if buf is None or buf.device.type == "meta" else buf.clone()))
+                    self.saved.append((ref, name, buf,
+                                       None if buf is None or buf.device.type == "meta" else buf.clone()))
 
     def restore(self):
         with torch.no_grad():
@@ -154,7 +156,8 @@ class Checkpoint:
         self.modes = [(ref, m.training) for ref in parts.modules if (m := ref()) is not None]
         self.buffers = Buffers(slots=parts.buffer_slots)
         self.rng = RngState()
-        self.groups = [(g, {k: _copy_setting(v) for k, v in g.items() if k != "params"}) for g in optimizer.param_groups]
+        self.groups = [(g, {k: _copy_setting(v) for k, v in g.items() if k != "params"})
+                       for g in optimizer.param_groups]
         self.optimizer = weakref.ref(optimizer)
         self.opt_called = torchapi.opt_called(optimizer, _MISSING)
         self.backup: ParamBackup | None = None
@@ -213,5 +216,5 @@ def set_lrs(optimizer: torch.optim.Optimizer, lrs: list[float] | None):
     if len(lrs) != len(optimizer.param_groups):
         raise TorchMagicError(f"{len(lrs)} learning rates for {len(optimizer.param_groups)} param groups: "
                               f"give one (for every group) or one per group, e.g. --lr 0.001,0.01")
-    for g, lr in zip(optimizer.param_groups, lrs):
+    for g, lr in zip(optimizer.param_groups, lrs, strict=False):
         _set_setting(g, "lr", float(lr))

@@ -40,7 +40,8 @@ def _mps_memory() -> str:
         return ""
     try:
         return (f": torch allocated {render.nbytes(torch.mps.current_allocated_memory())}, driver "
-                f"{render.nbytes(torch.mps.driver_allocated_memory())} of {render.nbytes(torch.mps.recommended_max_memory())} "
+                f"{render.nbytes(torch.mps.driver_allocated_memory())} of "
+                f"{render.nbytes(torch.mps.recommended_max_memory())} "
                 f"recommended")
     except (AttributeError, RuntimeError):  # older torch: no MPS memory statistics
         return ""
@@ -191,7 +192,8 @@ class _Undo:
     def restore(self):
         for owner, key, p, data, grad, grad_data in reversed(self.params):
             if owner is not None:
-                torchapi.parameter_slots(owner)[key] = p  # a target that cannot share the tensor type gets new Parameters
+                # a target that cannot share the tensor type gets new Parameters
+                torchapi.parameter_slots(owner)[key] = p
             p.grad = None  # the grad may be on the other device for a moment
             p.data = data
             if grad is not None:
@@ -222,7 +224,8 @@ def move_objects(namespace: dict, names: list[str], device: torch.device) -> tup
         if n not in namespace:
             raise TorchMagicError(f"name {n!r} is not defined; name tensors, models or optimizers from your namespace")
         if not _movable(namespace[n]):
-            raise TorchMagicError(f"cannot move {n!r} (a {type(namespace[n]).__name__}): name tensors, models or optimizers")
+            raise TorchMagicError(f"cannot move {n!r} (a {type(namespace[n]).__name__}): name tensors, models or "
+                                  f"optimizers")
     moved_params = set().union(*(_params_of(namespace[n]) for n in names))
     named_opts = [n for n in names if isinstance(namespace[n], torch.optim.Optimizer)]
     others = [n for n, v in namespace.items()

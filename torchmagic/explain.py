@@ -58,7 +58,8 @@ def _origin(shape: str, earlier: list[ShapeRow]) -> str:
     if maker is None:
         return ""
     names = [earlier[maker].name]
-    before = next((r.name for r in reversed(earlier[:maker]) if r.kind == "module" and r.status == "ok" and r.depth >= earlier[maker].depth), "")
+    before = next((r.name for r in reversed(earlier[:maker])
+                   if r.kind == "module" and r.status == "ok" and r.depth >= earlier[maker].depth), "")
     if earlier[maker].kind == "op" and before:
         names.insert(0, before)
     return " → ".join(names)
@@ -133,15 +134,18 @@ def _built_for(features: int, shape: str, earlier: list[ShapeRow]) -> str:
 def _conv(m, who, x, shape, args, exc, earlier):
     n = _CONV[type(m)] if type(m) in _CONV else next(v for k, v in _CONV.items() if isinstance(m, k))
     cls = f"Conv{n}d"
-    layout = ", ".join(["batch", "channels"] + (["length"] if n == 1 else ["height", "width"] if n == 2 else ["depth", "height", "width"]))
+    spatial = ["length"] if n == 1 else ["height", "width"] if n == 2 else ["depth", "height", "width"]
+    layout = ", ".join(["batch", "channels", *spatial])
     if x.dim() not in (n + 1, n + 2):
         missing = n + 2 - x.dim()
         fix = (f"add the missing dims, e.g. x.reshape({', '.join(['1'] * missing + [str(d) for d in x.shape])})"
                if missing > 0 else "remove the extra dims, or use a Conv with more spatial dims")
-        return f"{who} expects a {n + 2}-d input [{layout}] (or {n + 1}-d without batch) but received {x.dim()}-d {shape}", fix
+        return (f"{who} expects a {n + 2}-d input [{layout}] (or {n + 1}-d without batch) but received "
+                f"{x.dim()}-d {shape}"), fix
     channels = x.shape[-n - 1]
     if channels != m.in_channels:
-        why = f"{who} expects in_channels={m.in_channels} at dim {x.dim() - n - 1} [{layout}] but received {shape} with {channels}"
+        why = (f"{who} expects in_channels={m.in_channels} at dim {x.dim() - n - 1} [{layout}] but received {shape} "
+               f"with {channels}")
         if x.shape[-1] == m.in_channels and n == 2:
             return why + " (the channels look last)", "put channels first: x.permute(0, 3, 1, 2)"
         k = m.kernel_size[0] if len(set(m.kernel_size)) == 1 else tuple(m.kernel_size)
@@ -158,14 +162,15 @@ def _conv(m, who, x, shape, args, exc, earlier):
     if isinstance(m.padding, str):
         return "", ""
     spatial = list(x.shape[-n:])
-    room = [s + 2 * p for s, p in zip(spatial, m.padding)]
-    reach = [d * (k - 1) + 1 for d, k in zip(m.dilation, m.kernel_size)]
-    if any(r < k for r, k in zip(room, reach)):
+    room = [s + 2 * p for s, p in zip(spatial, m.padding, strict=False)]
+    reach = [d * (k - 1) + 1 for d, k in zip(m.dilation, m.kernel_size, strict=False)]
+    if any(r < k for r, k in zip(room, reach, strict=False)):
         size = "×".join(str(s) for s in spatial)
         kernel = "×".join(str(k) for k in reach)
         why = f"{who} has a {kernel} kernel but its input {shape} is only {size}" + (
             f" (padding {tuple(m.padding)})" if any(m.padding) else "")
-        before = next((r for r in reversed(earlier) if r.kind == "module" and r.status == "ok" and r.outputs == shape), None)
+        before = next((r for r in reversed(earlier) if r.kind == "module" and r.status == "ok" and r.outputs == shape),
+                      None)
         if before is not None:
             why += f"; earlier layers shrank it ({before.name} gave {shape})"
         return why, "use a larger input, padding, a smaller kernel, or fewer pooling/stride steps before it"
@@ -210,7 +215,8 @@ def _embedding(m, who, x, shape, args, exc, earlier):
             pass
         return (f"{who} has num_embeddings={m.num_embeddings}, so ids must be 0..{m.num_embeddings - 1}, "
                 f"but received an id outside that{top}",
-                f"make num_embeddings your vocabulary size (nn.Embedding(vocab_size, {m.embedding_dim})) or check the tokenizer")
+                f"make num_embeddings your vocabulary size (nn.Embedding(vocab_size, {m.embedding_dim})) or check the "
+                f"tokenizer")
     return "", ""
 
 

@@ -217,7 +217,8 @@ class Shadow:
         """What this mode could not do, when the forward failed for a reason of fake or meta tensors
         and not of the model; "" when a real forward would fail the same way (or cannot be told)."""
         if needs_values(exc):
-            return f"reads tensor values (e.g. .item(), nonzero or a boolean mask), which {self.kind} tensors do not have"
+            return (f"reads tensor values (e.g. .item(), nonzero or a boolean mask), which {self.kind} tensors "
+                    f"do not have")
         if self.failed_op is None:
             return ""
         op, specs, raised = self.failed_op
@@ -311,7 +312,8 @@ def _named_tensors(model: nn.Module):
 
 
 def _nbytes(value) -> int:
-    return sum(t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves(value) if isinstance(t, torch.Tensor))
+    return sum(t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves(value) if isinstance(t,
+                                                                                                          torch.Tensor))
 
 
 if TorchDispatchMode is not None:

@@ -79,9 +79,11 @@ def trainable_report(model: nn.Module, name: str, action: str, changed: list[str
         seen.update(id(p) for p in params)
         shared = list(child.parameters())
         if params or shared:  # all shared (a tied head): its row shows its state, its weights count where first seen
-            rows.append(FreezeRow(name=child_name, params=sum(p.numel() for p in params), trainable=_state(params or shared)))
+            rows.append(FreezeRow(name=child_name, params=sum(p.numel() for p in params),
+                                  trainable=_state(params or shared)))
     return FreezeReport(model=name, action=action, changed=changed, matched=matched,
-                        total=sum(p.numel() for p in unique), trainable=sum(p.numel() for p in unique if p.requires_grad),
+                        total=sum(p.numel() for p in unique),
+                        trainable=sum(p.numel() for p in unique if p.requires_grad),
                         rows=rows, notes=list(notes))
 
 
@@ -89,7 +91,8 @@ def set_trainable(model: nn.Module, name: str, patterns: list[str], *, trainable
                   exclude: list[str] = ()) -> FreezeReport:
     """requires_grad = trainable for the selected parameters. Changes nothing if a pattern is wrong."""
     if not any(True for _ in model.parameters()):
-        raise TorchMagicError(f"{name} ({type(model).__name__}) has no parameters to freeze or unfreeze: give the model")
+        raise TorchMagicError(f"{name} ({type(model).__name__}) has no parameters to freeze or unfreeze: "
+                              f"give the model")
     chosen = select(model, patterns, exclude)
     changed = [n for n, p in chosen if p.requires_grad != trainable]
     for _, p in chosen:

@@ -91,7 +91,8 @@ class FlowGraph(Result):
         return f"{self.model}: data flow, {what} ({self.mode} mode{', failed' if self.failure else ''})"
 
     def _notes(self) -> list[str]:
-        return [*self.notes, *([f"--depth {self.depth}: deeper calls are inside their boxes"] if self.depth is not None else [])]
+        return [*self.notes,
+                *([f"--depth {self.depth}: deeper calls are inside their boxes"] if self.depth is not None else [])]
 
     # ------------------------------------------------------------ text
 
@@ -408,7 +409,8 @@ def _dot_source(graph: FlowGraph) -> str:
         return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
     short = _short(graph)
-    out = ['digraph flow {', 'graph [rankdir=TB, nodesep=0.3, ranksep=0.32, newrank=true, fontname="Courier", fontsize=10];',
+    out = ['digraph flow {',
+           'graph [rankdir=TB, nodesep=0.3, ranksep=0.32, newrank=true, fontname="Courier", fontsize=10];',
            'node [shape=box, fixedsize=true, label=""];', 'edge [fontname="Courier", fontsize=10, arrowsize=0.7];']
     inside: dict[str, list[str]] = {}
     for n in graph.nodes:
@@ -472,7 +474,8 @@ def layout(graph: FlowGraph) -> Placed:
     except subprocess.TimeoutExpired:
         raise TorchMagicError("Graphviz's dot took over 2 minutes on this graph: a smaller --depth draws it") from None
     if done.returncode != 0:
-        raise TorchMagicError(f"Graphviz's dot failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+        raise TorchMagicError(f"Graphviz's dot failed: "
+                              f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
     data = json.loads(done.stdout)
     height = float(data["bb"].split(",")[3])
 
@@ -501,7 +504,7 @@ def layout(graph: FlowGraph) -> Placed:
             continue
         parts = obj["pos"].split()
         tip = next((flip(_points(p)[0]) for p in parts if p.startswith("e,")), None)
-        spline = [flip(p) for p in _points(" ".join(p for p in parts if not p[:2] in ("e,", "s,")))]
+        spline = [flip(p) for p in _points(" ".join(p for p in parts if p[:2] not in ("e,", "s,")))]
         label = flip(_points(obj["lp"])[0]) if "lp" in obj else None
         edges.append((edge, spline, tip, label))
     return Placed(float(data["bb"].split(",")[2]), height, nodes, boxes, edges, note)
@@ -521,7 +524,8 @@ _SVG_STYLE = (
     ".tm-graph .op rect{fill-opacity:.03;stroke-opacity:.45}"
     ".tm-graph .io rect{fill:var(--jp-brand-color1,var(--vscode-textLink-foreground,#1976d2));fill-opacity:.16;"
     "stroke:var(--jp-brand-color1,var(--vscode-textLink-foreground,#1976d2));stroke-opacity:.9}"
-    ".tm-graph .box>rect{fill:currentColor;fill-opacity:.025;stroke:currentColor;stroke-opacity:.35;stroke-dasharray:4 3}"
+    ".tm-graph .box>rect{fill:currentColor;fill-opacity:.025;stroke:currentColor;stroke-opacity:.35;stroke-dasharray:4 "
+    "3}"
     ".tm-graph .repeat>rect{stroke-dasharray:none;stroke-width:2;stroke-opacity:.5}"
     ".tm-graph .edge path{fill:none;stroke:currentColor;stroke-opacity:.55;stroke-width:1.2}"
     ".tm-graph .edge polygon{fill:currentColor;fill-opacity:.55}"
@@ -559,7 +563,7 @@ def draw(graph: FlowGraph, placed: Placed) -> str:
     for edge, spline, tip, label in placed.edges:
         path = f"M{spline[0][0]:.1f},{spline[0][1]:.1f}" + "".join(
             f"C{a[0]:.1f},{a[1]:.1f} {b[0]:.1f},{b[1]:.1f} {c[0]:.1f},{c[1]:.1f}"
-            for a, b, c in zip(spline[1::3], spline[2::3], spline[3::3]))
+            for a, b, c in zip(spline[1::3], spline[2::3], spline[3::3], strict=False))
         parts = [f'<g class="edge"><path d="{path}"/>']
         if tip is not None:
             parts.append(_arrow(spline[-1], tip))
@@ -572,7 +576,8 @@ def draw(graph: FlowGraph, placed: Placed) -> str:
         cls = kind + (" failed" if n.status == "failed" else "")
         lines, _ = _label(n, short[n.id])
         rx = h / 2 if n.kind != "module" else 4
-        parts = [f'<g class="{cls}"><rect x="{x - w / 2:.1f}" y="{y - h / 2:.1f}" width="{w:.1f}" height="{h:.1f}" rx="{rx:.1f}"/>']
+        parts = [f'<g class="{cls}"><rect x="{x - w / 2:.1f}" y="{y - h / 2:.1f}" width="{w:.1f}" height="{h:.1f}" '
+                 f'rx="{rx:.1f}"/>']
         if len(lines) == 1:
             parts.append(_text(x, y, lines[0], "small"))
         else:
@@ -585,8 +590,10 @@ def draw(graph: FlowGraph, placed: Placed) -> str:
         fx, fy, fw, _ = next(placed.nodes[n.id] for n in graph.nodes if n.status == "failed")
         start, end = (fx + fw / 2, x - w / 2) if x > fx else (fx - fw / 2, x + w / 2)
         out.append(f'<g class="note"><line x1="{start:.1f}" y1="{fy:.1f}" x2="{end:.1f}" y2="{fy:.1f}" '
-                   f'stroke-dasharray="4 3"/><rect x="{x - w / 2:.1f}" y="{top:.1f}" width="{w:.1f}" height="{h:.1f}" rx="4"/>'
-                   + "".join(_text(x - w / 2 + 8, top + 5 + LINE * (i + 0.5), s, "small", "start") for i, s in enumerate(lines))
+                   f'stroke-dasharray="4 3"/><rect x="{x - w / 2:.1f}" y="{top:.1f}" width="{w:.1f}" height="{h:.1f}" '
+                   f'rx="4"/>'
+                   + "".join(_text(x - w / 2 + 8, top + 5 + LINE * (i + 0.5), s, "small", "start")
+                             for i, s in enumerate(lines))
                    + "</g>")
     out.append("</svg>")
     return "".join(out)

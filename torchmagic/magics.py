@@ -52,9 +52,11 @@ def with_article(noun: str) -> str:
 
 @magics_class
 class TorchMagics(Magics):
-    widgets = Bool(True, help="Show ipywidgets controls in a Jupyter kernel (False: text results only).").tag(config=True)
+    widgets = Bool(True,
+                   help="Show ipywidgets controls in a Jupyter kernel (False: text results only).").tag(config=True)
     memory_min_change = Int(1 << 20, help="With %memory on, show a line after a cell only when it changed or "
-                                          "peaked memory by at least this many bytes (0: after every cell).").tag(config=True)
+                                          "peaked memory by at least this many bytes (0: after every cell)."
+                            ).tag(config=True)
     shape_mode = Enum(list(SHAPE_MODES), "auto", help="How %shapes runs the forward: auto, real, fake (no compute, "
                       "no memory) or meta (models built on the meta device).").tag(config=True)
     text_width = Int(0, help="Width of text tables in characters (0: the terminal's width, or 120 where it is "
@@ -178,11 +180,14 @@ class TorchMagics(Magics):
                                                                  "(64,3,32,32) or an expression")
     @argument("--optimizer", default=None, metavar="NAME", help="plan: adamw (default), adam, sgd, or your optimizer's "
                                                                "name (its class, param groups and settings)")
-    @argument("--dtype", default=None, help="plan: the parameters' dtype, float32, bfloat16 or float16 (default: the model's)")
+    @argument("--dtype", default=None,
+              help="plan: the parameters' dtype, float32, bfloat16 or float16 (default: the model's)")
     @argument("--amp", default=None, choices=list(AMP_DTYPES), help="plan: the forward under autocast in bf16 or fp16")
-    @argument("--device", default=None, help="plan: for this device (cuda, cuda:N, cpu); its total memory is the budget")
-    @argument("--budget", default=None, help="plan: the memory to fit in, e.g. 24GB (GB: 2**30 bytes); says whether the "
-                                             "step fits and the largest batch that does")
+    @argument("--device", default=None,
+              help="plan: for this device (cuda, cuda:N, cpu); its total memory is the budget")
+    @argument("--budget", default=None,
+              help="plan: the memory to fit in, e.g. 24GB (GB: 2**30 bytes); says whether the "
+                   "step fits and the largest batch that does")
     @argument("--checkpointing", action="store_true", help="plan: activation checkpointing of the repeated blocks")
     @argument("--devices", type=int, default=1, metavar="N", help="plan: per device, on N devices (with --shard)")
     @argument("--shard", default=None, choices=list(SHARDS), help="plan: ddp (replicated), fsdp or zero2 (sharded)")
@@ -215,7 +220,8 @@ class TorchMagics(Magics):
                                 ("--device", args.device), ("--budget", args.budget), ("--shard", args.shard),
                                 ("--checkpointing", args.checkpointing), ("--devices", args.devices != 1)) if v]
         if args.plan_args:  # as argparse says it when there is no place for them
-            raise TorchMagicError(f"%memory: unrecognized arguments: {' '.join(args.plan_args)}; see %memory? for usage")
+            raise TorchMagicError(f"%memory: unrecognized arguments: {' '.join(args.plan_args)}; "
+                                  f"see %memory? for usage")
         if given:
             raise TorchMagicError(f"%memory: {given[0]} is for %memory plan MODEL INPUT: use it there; "
                                   f"see %memory? for usage")
@@ -233,8 +239,8 @@ class TorchMagics(Magics):
         optimizer = None
         if name.lower() not in plan.OPTIMIZERS:
             if name.isidentifier() and name not in self.shell.user_ns:
-                raise TorchMagicError(f"--optimizer {name}: not adamw, adam or sgd, and no such name in your namespace: "
-                                      f"give one of those or the name of your optimizer")
+                raise TorchMagicError(f"--optimizer {name}: not adamw, adam or sgd, and no such name in your "
+                                      f"namespace: give one of those or the name of your optimizer")
             optimizer = self._eval(name)
         return plan.plan_memory(model, self._inputs(args.plan_args[1:]), name=args.plan_args[0], optimizer=optimizer,
                                 optimizer_name=name, dtype=args.dtype, amp=args.amp, device=args.device,
@@ -286,7 +292,8 @@ class TorchMagics(Magics):
             raise TorchMagicError("give the model and its input, e.g. %shapes net 1,1,32,32")
         model = self._module(args.model)
         _check_spaced_shape(args.inputs)
-        trace = tracing.trace_shapes(model, self._inputs(args.inputs), name=args.model, mode=args.mode or self.shape_mode,
+        trace = tracing.trace_shapes(model, self._inputs(args.inputs), name=args.model,
+                                     mode=args.mode or self.shape_mode,
                                      depth=args.depth, ops=args.ops, graph=args.graph)
         return trace.graph(depth=args.depth) if args.graph else trace
 
@@ -314,7 +321,8 @@ class TorchMagics(Magics):
 
     @magic_arguments()
     @argument("model", help="the model: a name or expression from your namespace")
-    @argument("inputs", nargs="*", help="optional input for output shapes and FLOPs: a shape like 1,1,32,32 or an expression")
+    @argument("inputs", nargs="*",
+              help="optional input for output shapes and FLOPs: a shape like 1,1,32,32 or an expression")
     @argument("--depth", type=int, default=None, help="show modules up to this nesting depth (model = 0)")
     @line_magic
     @usage_errors
@@ -347,7 +355,8 @@ class TorchMagics(Magics):
     @argument("--sweep", default=None, metavar="LO:HI", help="try rates from LO to HI, each one step from the same "
                                                            "weights, show the loss after it and suggest a rate; "
                                                            "nothing is changed")
-    @argument("--points", type=int, default=None, metavar="K", help="how many rates --sweep tries (default: 3 per decade)")
+    @argument("--points", type=int, default=None, metavar="K",
+              help="how many rates --sweep tries (default: 3 per decade)")
     @argument("--no-widget", action="store_true", help="text result only, also in a notebook")
     @argument("--no-undo", action="store_true", help="keep no copy of the parameters and optimizer state: a step costs "
                                                  "about what the loop by hand does, but there is no Undo and no "
@@ -377,7 +386,8 @@ class TorchMagics(Magics):
         model = self._module(args.model)
         optimizer = self._eval(args.optimizer)
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TorchMagicError(f"{args.optimizer!r} is {with_article(type(optimizer).__name__)}, not a torch.optim.Optimizer: "
+            raise TorchMagicError(f"{args.optimizer!r} is {with_article(type(optimizer).__name__)}, not a "
+                                  f"torch.optim.Optimizer: "
                                   f"give %%trainstep MODEL OPTIMIZER, e.g. %%trainstep net optimizer")
         if args.plan:
             return self._trainstep_plan(args, model, optimizer, cell)
@@ -388,8 +398,8 @@ class TorchMagics(Magics):
             raise TorchMagicError(f"--steps {args.steps}: give a number of steps of at least 1, e.g. --steps 10")
         rates = self._sweep_rates(args) if args.sweep is not None else None
         if rates is not None and args.no_undo:
-            raise TorchMagicError("--sweep puts everything back after each rate, which needs the copies --no-undo leaves "
-                                  "out: drop --no-undo")
+            raise TorchMagicError("--sweep puts everything back after each rate, which needs the copies --no-undo "
+                                  "leaves out: drop --no-undo")
         transaction.check_pair(model, optimizer, args.model, args.optimizer)
         if lrs is not None and len(lrs) not in (1, len(optimizer.param_groups)):
             raise TorchMagicError(f"--lr gives {len(lrs)} rates for {len(optimizer.param_groups)} param groups: "
@@ -505,7 +515,8 @@ class TorchMagics(Magics):
             names = [f"{root.group()}.{n}" for n, _ in parent.named_modules() if n and n.count(".") < 2]
             shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
             raise TorchMagicError(f"{expr} is not a submodule of {root.group()}: "
-                                  + (f"give one of {shown}" if names else f"{root.group()} has no submodules")) from None
+                                  + (f"give one of {shown}" if names else f"{root.group()} has no submodules")
+                                  ) from None
         if root and root.group() != expr:
             parent = self.shell.user_ns.get(root.group())
             if isinstance(parent, nn.Module):

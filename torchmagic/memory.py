@@ -220,7 +220,8 @@ def _namespace_storages(namespace: dict) -> set:
     keys = set()
     for value in list(namespace.values()):
         if isinstance(value, nn.Module):
-            tensors = [*value.parameters(), *value.buffers(), *(p.grad for p in value.parameters() if p.grad is not None)]
+            tensors = [*value.parameters(), *value.buffers(),
+                       *(p.grad for p in value.parameters() if p.grad is not None)]
         elif isinstance(value, torch.optim.Optimizer):
             tensors = [t for state in value.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
         else:

@@ -54,7 +54,7 @@ PHASES = ("forward", "backward", "optimizer step")
 OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD"}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-AMP = dict(zip(AMP_DTYPES, (torch.bfloat16, torch.float16)))
+AMP = dict(zip(AMP_DTYPES, (torch.bfloat16, torch.float16), strict=False))
 CUDA_BLOCK = 512  # the CUDA caching allocator hands out multiples of this many bytes
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
           "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
@@ -147,7 +147,8 @@ def resolve_target(model: nn.Module, device: str | None, budget: str | None) -> 
         return Target("mps", dev, given, "given" if given else "")
     if dev.type == "cpu":
         if given is None and hasattr(os, "sysconf"):
-            return Target("cpu", dev, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's total RAM")
+            return Target("cpu", dev, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+                          "this machine's total RAM")
         return Target("cpu", dev, given, "given" if given else "")
     raise TorchMagicError(f"--device {device}: give cuda, cuda:N, mps or cpu")
 
@@ -346,7 +347,8 @@ class Ledger(fake.TorchDispatchMode or object):
         try:
             with warnings.catch_warnings():
                 # a compiled model in the user's cell warns that global hooks fire for its wrapper too: ours know
-                warnings.filterwarnings("ignore", message=r"Using `torch.compile\(module\)` when there are global hooks")
+                warnings.filterwarnings("ignore",
+                                        message=r"Using `torch.compile\(module\)` when there are global hooks")
                 yield
         finally:
             for h in handles:
@@ -530,7 +532,8 @@ def call_of(model: nn.Module, values: list, checkpointing: bool = False) -> tupl
     if len(values) == 1 and isinstance(values[0], dict):
         args, kwargs = (), dict(values[0])
     else:
-        args, kwargs = tuple(values[0]) if len(values) == 1 and isinstance(values[0], (tuple, list)) else tuple(values), {}
+        one_sequence = len(values) == 1 and isinstance(values[0], (tuple, list))
+        args, kwargs = tuple(values[0]) if one_sequence else tuple(values), {}
     accepts = _forward_params(model)
     how = ""
     if "labels" not in kwargs and "labels" in accepts:
@@ -697,7 +700,8 @@ class Planner:
                                       f"({type(e).__name__}: {str(e)[:200]}): use --optimizer adamw or sgd") from None
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         is_param = {id(p) for p in model.parameters()}
-        self.tensors = {id(t): (t, "parameters" if real in is_param else "buffers") for real, t in by_id.items()}.values()
+        self.tensors = {id(t): (t, "parameters" if real in is_param else "buffers")
+                        for real, t in by_id.items()}.values()
         self.names = {id(m): qual or name for qual, m in self.model.named_modules()}
 
     def stand_in_model(self, model: nn.Module, dtype):
@@ -752,8 +756,8 @@ class Planner:
 def _forward_failed(e: Exception, name: str) -> TorchMagicError:
     message = str(e).strip().splitlines()[0] if str(e).strip() else ""
     if fake.needs_values(e):
-        return TorchMagicError(f"{name}'s forward reads tensor values ({type(e).__name__}: {message[:120]}), which fake "
-                               f"tensors do not have: use %memory on and run one step for real to measure it")
+        return TorchMagicError(f"{name}'s forward reads tensor values ({type(e).__name__}: {message[:120]}), which "
+                               f"fake tensors do not have: use %memory on and run one step for real to measure it")
     return TorchMagicError(f"{name}'s forward failed on fake tensors: {type(e).__name__}: {message[:200]}; "
                            f"%shapes {name} INPUT shows where")
 
@@ -853,7 +857,8 @@ class ShardedPlanner(Planner):
 
         memo = {}  # deepcopy takes these instead of copying the real tensors
         for t in [*model.parameters(), *model.buffers()]:
-            twin = torch.empty_like(t, device="meta", dtype=dtype if dtype is not None and t.is_floating_point() else None)
+            twin = torch.empty_like(t, device="meta",
+                                    dtype=dtype if dtype is not None and t.is_floating_point() else None)
             memo[id(t)] = nn.Parameter(twin, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else twin
         twin = copy.deepcopy(model, memo)
         mesh = self.mesh_of(self.target.run_on.type, (self.devices,))
@@ -864,7 +869,8 @@ class ShardedPlanner(Planner):
         fully_shard(twin, mesh=mesh, reshard_after_forward=self.shard == "fsdp")
         with self.shadow.mode():
             twin.to_empty(device=self.target.run_on)
-        by_name = {**dict(twin.named_parameters(remove_duplicate=False)), **dict(twin.named_buffers(remove_duplicate=False))}
+        by_name = {**dict(twin.named_parameters(remove_duplicate=False)),
+                   **dict(twin.named_buffers(remove_duplicate=False))}
         by_id = {id(t): by_name[n] for n, t in [*model.named_parameters(remove_duplicate=False),
                                                  *model.named_buffers(remove_duplicate=False)]}
         return twin, None, by_id
@@ -931,8 +937,8 @@ def _spread(planner: Planner, target: Target, devices: int, shard: str | None, s
         return 0, []
     if shard == "ddp":
         buckets = ddp_buckets(planner.params, target.round_to)
-        return buckets, [f"DDP: each of the {devices} devices holds the whole model, its gradients and optimizer state, "
-                         f"and runs the step on its own batch (the input is one device's batch); DDP's gradient "
+        return buckets, [f"DDP: each of the {devices} devices holds the whole model, its gradients and optimizer "
+                         f"state, and runs the step on its own batch (the input is one device's batch); DDP's gradient "
                          f"buckets add {nbytes(buckets)} (a copy of every gradient, allocated when DDP wraps the "
                          f"model; 0 with gradient_as_bucket_view=True). This is arithmetic on the one-device plan: "
                          f"DDP cannot run on fake tensors"]
@@ -994,11 +1000,13 @@ def _result(planner: Planner, record: StepRecord, *, extra: int = 0) -> MemoryPl
     if target.budget is not None and record.peak + extra > target.budget:
         notes.append(_advice(peak_parts, record.phase, bool(planner.blocks)))
     if not any(m.training for m in planner.model.modules()):
-        notes.append(f"{planner.name} is in eval mode: planned as it is (no dropout masks); call {planner.name}.train() "
+        notes.append(f"{planner.name} is in eval mode: planned as it is (no dropout masks); call "
+                     f"{planner.name}.train() "
                      f"to plan training")
     return MemoryPlan(
         model=planner.name, target=target.name, optimizer=type(planner.optimizer).__name__,
-        dtype=str(planner.dtype).removeprefix("torch."), amp=str(planner.amp).removeprefix("torch.") if planner.amp else "",
+        dtype=str(planner.dtype).removeprefix("torch."),
+        amp=str(planner.amp).removeprefix("torch.") if planner.amp else "",
         batch=planner.old_batch, parameters=planner.bytes_of("parameters"), buffers=planner.bytes_of("buffers"),
         gradients=record.gradients, optimizer_state=planner.state_bytes, activations=record.activations,
         inputs=record.inputs, peak=record.peak + extra, peak_phase=record.phase,

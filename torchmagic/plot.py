@@ -43,13 +43,14 @@ def line_svg(series: list[tuple[list[float], list[float], str]], *, log_x: bool 
     if log_y is None:
         log_y = wide_range([y for _, ys, _ in series for y in ys] + ([hline[0]] if hline else []))
     scaled = [(_scale(xs, log_x), _scale(ys, log_y), label) for xs, ys, label in series]
-    xs_all = [x for xs, ys, _ in scaled for x, y in zip(xs, ys) if x is not None and y is not None]
-    ys_all = [y for xs, ys, _ in scaled for x, y in zip(xs, ys) if x is not None and y is not None]
+    xs_all = [x for xs, ys, _ in scaled for x, y in zip(xs, ys, strict=False) if x is not None and y is not None]
+    ys_all = [y for xs, ys, _ in scaled for x, y in zip(xs, ys, strict=False) if x is not None and y is not None]
     h = _scale([hline[0]], log_y)[0] if hline else None
     if h is not None:
         ys_all.append(h)
     if not xs_all or not ys_all:
-        return f'<svg width="{width}" height="40"><text x="4" y="20" fill="currentColor">no finite values to plot</text></svg>'
+        return (f'<svg width="{width}" height="40"><text x="4" y="20" fill="currentColor">'
+                'no finite values to plot</text></svg>')
     x0, x1 = min(xs_all), max(xs_all)
     y0, y1 = min(ys_all), max(ys_all)
 
@@ -73,8 +74,9 @@ def line_svg(series: list[tuple[list[float], list[float], str]], *, log_x: bool 
            f'style="font:10px sans-serif;color:inherit;overflow:visible">',
            f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" '
            f'fill="none" stroke="currentColor" stroke-opacity="0.45"/>']
-    for y, text in zip(y_ticks, y_texts):
-        out.append(f'<text x="{left - 5}" y="{py(y) + 3:.1f}" text-anchor="end" fill="currentColor">{html.escape(text)}</text>')
+    for y, text in zip(y_ticks, y_texts, strict=False):
+        out.append(f'<text x="{left - 5}" y="{py(y) + 3:.1f}" text-anchor="end" '
+                   f'fill="currentColor">{html.escape(text)}</text>')
         out.append(f'<line x1="{left - 3}" x2="{left}" y1="{py(y):.1f}" y2="{py(y):.1f}" stroke="currentColor"/>')
     for x in x_ticks:
         anchor = "middle" if x0 == x1 else ("start" if x == x0 else "end")
@@ -101,7 +103,7 @@ def line_svg(series: list[tuple[list[float], list[float], str]], *, log_x: bool 
         color = COLORS[n % len(COLORS)]
         segment: list[str] = []
         segments = [segment]
-        for x, y in zip(xs, ys):
+        for x, y in zip(xs, ys, strict=False):
             if x is None or y is None:
                 segment = []
                 segments.append(segment)
@@ -112,7 +114,8 @@ def line_svg(series: list[tuple[list[float], list[float], str]], *, log_x: bool 
             if len(seg) > 1:
                 out.append(f'<polyline points="{" ".join(seg)}" fill="none" stroke="{color}" stroke-width="2"/>')
         out.append(f'<line x1="{legend_x}" x2="{legend_x + 14}" y1="{top - 8}" y2="{top - 8}" stroke="{color}" '
-                   f'stroke-width="3"/><text x="{legend_x + 18}" y="{top - 5}" fill="currentColor">{html.escape(label)}</text>')
+                   f'stroke-width="3"/><text x="{legend_x + 18}" y="{top - 5}" '
+                   f'fill="currentColor">{html.escape(label)}</text>')
         legend_x += 30 + int(_CHAR * len(label))
     out.append("</svg>")
     return "".join(out)

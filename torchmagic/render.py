@@ -22,18 +22,22 @@ _CSS = (
     ".tm-result .tm-note,.tm-result .tm-count,.tm-result summary{color:var(--jp-content-font-color2,inherit)}"
     ".tm-result .tm-error{color:var(--jp-error-color1,var(--vscode-errorForeground,#d32f2f))}"
     ".tm-result .tm-warn{color:var(--jp-warn-color0,var(--vscode-editorWarning-foreground,#b35c00));font-weight:bold}"
-    ".tm-result.tm-result table{border-collapse:collapse;margin:3px 0 6px 0;font-size:inherit;color:inherit;table-layout:auto}"
+    ".tm-result.tm-result table{border-collapse:collapse;margin:3px 0 6px "
+    "0;font-size:inherit;color:inherit;table-layout:auto}"
     ".tm-result.tm-result th,.tm-result.tm-result td{text-align:left;white-space:pre;vertical-align:top;"
     "padding:1px 10px 1px 4px;line-height:inherit;border:none}"
     ".tm-result.tm-result table th{font-weight:bold;border-bottom:1px solid var(--jp-border-color1,#8888)}"
     ".tm-result.tm-result table .num{text-align:right}"
-    ".tm-result.tm-result table tr.tm-fail td{color:var(--jp-error-color1,var(--vscode-errorForeground,#d32f2f));font-weight:bold}"
-    ".tm-result.tm-result table tr.tm-warn td{color:var(--jp-warn-color0,var(--vscode-editorWarning-foreground,#b35c00))}"
+    ".tm-result.tm-result table tr.tm-fail "
+    "td{color:var(--jp-error-color1,var(--vscode-errorForeground,#d32f2f));font-weight:bold}"
+    ".tm-result.tm-result table tr.tm-warn "
+    "td{color:var(--jp-warn-color0,var(--vscode-editorWarning-foreground,#b35c00))}"
     ".tm-result.tm-result table tr.tm-dim td{color:var(--jp-content-font-color2,#888)}"
     # a table wider than the output column scrolls sideways; its first column (the names) stays in view
     ".tm-result .tm-fit{overflow-x:auto;max-width:100%}"
     ".tm-result .tm-scroll{max-height:30em;overflow:auto;display:inline-block;max-width:100%}"
-    f".tm-result.tm-result td:first-child,.tm-result.tm-result th:first-child{{position:sticky;left:0;background:{_BACKGROUND}}}"
+    f".tm-result.tm-result td:first-child,.tm-result.tm-result "
+    f"th:first-child{{position:sticky;left:0;background:{_BACKGROUND}}}"
     # the header stays on top of a scrolling table: it needs the page's own background
     f".tm-result .tm-scroll th{{position:sticky;top:0;z-index:1;background:{_BACKGROUND}}}"
     ".tm-result .tm-scroll th:first-child{z-index:2}"
@@ -180,7 +184,7 @@ class TreeRow:
 def labels(names: list[str], depths: list[int]) -> list[str]:
     """Each name relative to its parent's (the nearest row above it, one level up)."""
     out, parents = [], {}
-    for name, depth in zip(names, depths):
+    for name, depth in zip(names, depths, strict=False):
         parent = parents.get(depth - 1, "")
         out.append(name[len(parent) + 1:] if parent and name.startswith(parent + ".") else name)
         parents[depth] = name
@@ -212,7 +216,8 @@ def fold_repeats(rows: list[TreeRow], merge) -> list[TreeRow]:
             while blocks[-1][1] < len(rows):
                 start = blocks[-1][1]
                 stop = _subtree_end(rows, start)
-                if (rows[start].depth != row.depth or _numbered(rows[start].label) != (number[0], number[1] + len(blocks))
+                if (rows[start].depth != row.depth or _numbered(rows[start].label) != (number[0],
+                                                                                       number[1] + len(blocks))
                         or [(r.depth - row.depth, r.key) for r in rows[start:stop]] != inside):
                     break
                 blocks.append((start, stop))
@@ -242,7 +247,7 @@ def fold(rows: list[list[str]], classes: list[str], limit: int = LONG_TABLE) -> 
     """fold_depth for plain cells whose first cell is indented two spaces a level: the indices of the
     rows kept and their depth; None when no depth is worth folding to."""
     tree = [TreeRow(name="", label="", depth=(len(r[0]) - len(r[0].lstrip(" "))) // 2 if r else 0, cells=[], full=[],
-                    css=c, source=i) for i, (r, c) in enumerate(zip(rows, classes))]
+                    css=c, source=i) for i, (r, c) in enumerate(zip(rows, classes, strict=False))]
     folded = fold_depth(tree, limit)
     return None if folded is None else ([r.source for r in folded[0]], folded[1])
 
@@ -293,7 +298,8 @@ def html_table(
     more = len(rows) - len(full)
     everything = f'<div class="tm-scroll">{_table(columns, full, numeric, classes, titles, caps)}</div>'
     if more:
-        everything += f'<div class="tm-count">… {count(more)} more rows not shown; print() the result for all of them</div>'
+        everything += (f'<div class="tm-count">… {count(more)} more rows not shown; '
+                       'print() the result for all of them</div>')
     if short is None:
         return f'<div class="tm-count">{count(len(rows))} rows</div>{everything}'
     short_rows, short_classes, short_titles, what = short
@@ -314,7 +320,7 @@ def _table(columns: list[str], rows: list[list[str]], numeric: set[int], classes
            caps: list[int]) -> str:
     head = "".join(_cell("th", c, i in numeric) for i, c in enumerate(columns))
     body = []
-    for row, cls, title in zip(rows, classes, titles):
+    for row, cls, title in zip(rows, classes, titles, strict=False):
         cells = "".join(_cell("td", elide(c, caps[i]), i in numeric, (title or c) if i == 0 else c)
                         for i, c in enumerate(row))
         body.append(f'<tr class="{cls}">{cells}</tr>' if cls else f"<tr>{cells}</tr>")

@@ -114,7 +114,8 @@ def param_summary(model: nn.Module, *, name: str, values: list | None = None, de
         if not first_visit:
             notes = ["the same module again (weights shared)"]
         rows.append(ParamRow(name=names.get(id(module), type(module).__name__), cls=class_name(module),
-                             depth=layer_depth, params=sum(_counted(module, n, p) for n, p in new.items()) if first_visit else 0,
+                             depth=layer_depth,
+                             params=sum(_counted(module, n, p) for n, p in new.items()) if first_visit else 0,
                              trainable=_trainable(list(own.values())), output=calls[0].outputs if calls else "",
                              note="; ".join(notes), flops=sum(c.flops for c in calls) if first_visit else 0))
 

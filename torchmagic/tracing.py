@@ -31,7 +31,7 @@ def _fields(value) -> list[tuple[str, object]] | None:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return [(f.name, getattr(value, f.name, None)) for f in dataclasses.fields(value)]
     if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return list(zip(value._fields, value))
+        return list(zip(value._fields, value, strict=False))
     return None
 
 
@@ -83,7 +83,9 @@ def describe(value, depth: int = 0, full: bool = False) -> str:
         if len(value) > _MAX_ITEMS:
             items.append(f"… {len(value)} items")
         inner = ", ".join(items)
-        return f"({inner},)" if isinstance(value, tuple) and len(value) == 1 else (f"({inner})" if isinstance(value, tuple) else f"[{inner}]")
+        if isinstance(value, tuple):
+            return f"({inner},)" if len(value) == 1 else f"({inner})"
+        return f"[{inner}]"
     if isinstance(value, dict):
         entries = [(k, v) for k, v in value.items() if full or v is not None]
         items = [f"{k}: {describe(v, depth + 1, full)}" for k, v in entries[:_MAX_ITEMS]]
@@ -101,7 +103,8 @@ def describe_call(args: tuple, kwargs: dict, full: bool = False) -> str:
     """The arguments of a call. Condensed: None arguments are left out, keywords only where they
     hold a shape (`position_ids=[1, 16]`, not `use_cache=True`). Full: every argument."""
     if full:
-        return ", ".join([describe(a, full=True) for a in args] + [f"{k}={describe(v, full=True)}" for k, v in kwargs.items()])
+        return ", ".join([describe(a, full=True) for a in args]
+                         + [f"{k}={describe(v, full=True)}" for k, v in kwargs.items()])
     parts = [describe(a) for a in args if a is not None]
     parts += [f"{k}={describe(v)}" for k, v in kwargs.items() if _worth_showing(v)]
     return ", ".join(parts)
@@ -318,7 +321,8 @@ class Recorder:
                 if top is module:
                     row = self.rows[index]
                     if kwargs:  # the pre hook saw the positional arguments alone
-                        row.inputs, row.full_inputs = describe_call(args, kwargs), describe_call(args, kwargs, full=True)
+                        row.inputs, row.full_inputs = describe_call(args, kwargs), describe_call(args, kwargs,
+                                                                                                 full=True)
                     row.outputs, row.full_outputs, row.status = describe(output), describe(output, full=True), "ok"
                     if self._params(module)[3]:
                         row.total_params = self._total_params(module, index)  # lazy layers have their shapes now
@@ -383,7 +387,7 @@ class Recorder:
     def rename(self):
         if self.namer is not None:
             self.names = {**self.names, **self.namer()}
-            for row, module in zip(self.rows, self.row_modules):
+            for row, module in zip(self.rows, self.row_modules, strict=False):
                 if module is not None:
                     row.name = self._name(module)
 
@@ -404,7 +408,8 @@ class Recorder:
             row = self.rows[self.hooks_pending]
             row.status = "failed"
             return ShapeFailure(module=row.name, cls=row.cls, inputs=row.inputs, error=message,
-                                explanation=f"a forward hook registered on {row.name} raised after its forward returned",
+                                explanation=f"a forward hook registered on {row.name} raised after its forward "
+                                            f"returned",
                                 fix="fix the hook, or remove it (its handle's .remove())")
         if not self.stack:
             return ShapeFailure(module="(outside any module)", cls="", inputs="", error=message)
@@ -646,7 +651,8 @@ def trace_shapes(model: nn.Module, values: list, *, name: str, mode: str = "auto
             has_data = all(fake.has_data(t) for t in _tensors(model))
             who = failure.within.split(" (")[0] if failure.cls == "op" and failure.within else failure.module
             failure.explanation = f"{who} {limit}"
-            failure.fix = ("use --mode real" if has_data else "use --mode fake" if mode == "meta" and "reads" not in limit
+            failure.fix = ("use --mode real" if has_data
+                           else "use --mode fake" if mode == "meta" and "reads" not in limit
                            else "load real weights to trace it, or trace the layers before it")
     notes += _rows_as_written(recorder, model, name, copied=model is not user_model)
     trace = _result(recorder, failure, name=name, mode=mode, why=why, depth=depth, ops=ops, notes=notes)

@@ -307,7 +307,7 @@ def lr_sweep(model: nn.Module, optimizer: torch.optim.Optimizer, body: Callable[
             grads = [(p, p.grad.detach().clone()) for p in optimizer_params(optimizer) if p.grad is not None]
             after_body = Buffers(model)
             losses = []
-            for i, rate in enumerate(rates):
+            for rate in rates:
                 if ck.backup is not None:
                     ck.backup.restore()
                     with torch.no_grad():
@@ -330,7 +330,7 @@ def lr_sweep(model: nn.Module, optimizer: torch.optim.Optimizer, body: Callable[
         notes.append("rates are for param group 0; the other groups keep their ratio to it ("
                      + ", ".join(f"{r:.3g}x" for r in ratios[1:]) + ")")
     return SweepResult(model=model_name, loss_before=loss_before,
-                       points=[SweepPoint(rate, value) for rate, value in zip(rates, after)],
+                       points=[SweepPoint(rate, value) for rate, value in zip(rates, after, strict=False)],
                        suggestion=suggestion, reason=reason, notes=notes)
 
 

@@ -23,7 +23,8 @@ from .tracing import param_names
 def check_pair(model: nn.Module, optimizer: torch.optim.Optimizer, model_name: str, opt_name: str) -> None:
     if any(p.device.type == "meta" for p in model.parameters()):
         raise TorchMagicError(f"{model_name} has parameters on the meta device, which hold no values to train: "
-                              f"give it real weights first, e.g. {model_name}.to_empty(device='cpu') and load_state_dict")
+                              f"give it real weights first, e.g. {model_name}.to_empty(device='cpu') and "
+                              f"load_state_dict")
     held = {id(p) for p in optimizer_params(optimizer)}
     if not any(id(p) in held for p in model.parameters()):
         raise TorchMagicError(f"{opt_name} holds none of {model_name}'s parameters; "
@@ -35,18 +36,20 @@ def check_loss(loss) -> torch.Tensor:
     end = "end the cell with the loss tensor, e.g. criterion(out, y)"
     if isinstance(loss, torch.Tensor):
         if loss.numel() != 1:
-            raise TorchMagicError(f"the loss has shape {list(loss.shape)}, not a single number: reduce it, e.g. end with loss.mean()")
+            raise TorchMagicError(f"the loss has shape {list(loss.shape)}, not a single number: reduce it, e.g. end "
+                                  f"with loss.mean()")
         if not loss.is_floating_point() and not loss.is_complex():
             raise TorchMagicError(f"the loss is an integer tensor ({loss.dtype}); {end}")
         if not loss.requires_grad:
             raise TorchMagicError("the loss does not require grad: it was computed under torch.no_grad(), detached, "
-                                  "or from frozen parameters only; compute it from the model's output with grad enabled")
+                                  "or from frozen parameters only; compute it from the model's output with grad "
+                                  "enabled")
         return loss
     if loss is None:
         raise TorchMagicError(f"the cell's last expression gave None; {end}")
     if isinstance(loss, (int, float)):
-        raise TorchMagicError(f"the cell's last expression is a Python {type(loss).__name__} ({loss:.4g}), not a tensor; "
-                              f"{end} (not loss.item())")
+        raise TorchMagicError(f"the cell's last expression is a Python {type(loss).__name__} ({loss:.4g}), not a "
+                              f"tensor; {end} (not loss.item())")
     raise TorchMagicError(f"the cell's last expression is a {type(loss).__name__}, not a loss tensor; {end}")
 
 
@@ -61,7 +64,7 @@ def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     rest = [i for i, t in enumerate(tensors) if t.dtype not in (torch.float16, torch.bfloat16)]
     for idx, kw in ((low, {"dtype": torch.float32}), (rest, {})):
         if idx:
-            for i, n in zip(idx, torchapi.foreach_norm([tensors[i] for i in idx], 2, **kw)):
+            for i, n in zip(idx, torchapi.foreach_norm([tensors[i] for i in idx], 2, **kw), strict=False):
                 out[i] = n
     return out
 
@@ -77,12 +80,13 @@ def _gather(scalars: list[torch.Tensor]) -> list[float]:
     out = [0.0] * len(scalars)
     for idx in by_device.values():
         values = torch.stack([scalars[i] for i in idx]).tolist()  # stack promotes mixed dtypes
-        for i, v in zip(idx, values):
+        for i, v in zip(idx, values, strict=False):
             out[i] = v
     return out
 
 
-def _update_norms(params: list[torch.Tensor], before: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def _update_norms(params: list[torch.Tensor], before: list[torch.Tensor]) -> tuple[list[torch.Tensor],
+                                                                                   list[torch.Tensor]]:
     """(|after - before|, |before|) per tensor without a full-size temporary: on a CPU in slices
     small enough to stay in cache while both norms are taken (this pass is memory-bound),
     elsewhere in foreach batches of at most 256 MB."""
@@ -92,10 +96,10 @@ def _update_norms(params: list[torch.Tensor], before: list[torch.Tensor]) -> tup
             if sum(p.numel() for p in params) <= 1 << 20:  # 4 MB of float32 in all: foreach kernels, no Python loop
                 return _norms(torchapi.foreach_sub([p.detach() for p in params], before)), _norms(before)
             olds = []
-            for p, b in zip(params, before):
+            for p, b in zip(params, before, strict=False):
                 a, b = p.detach().reshape(-1), b.reshape(-1)
                 pairs = [(torch.linalg.vector_norm(x - y), torch.linalg.vector_norm(y))
-                         for x, y in zip(a.split(1 << 18), b.split(1 << 18))]  # 1 MB of float32
+                         for x, y in zip(a.split(1 << 18), b.split(1 << 18), strict=False)]  # 1 MB of float32
                 if len(pairs) == 1:
                     updates.append(pairs[0][0])
                     olds.append(pairs[0][1])
@@ -288,8 +292,8 @@ def run_step(model: nn.Module, optimizer: torch.optim.Optimizer, body: Callable[
             rates = ", ".join(f"{lr:.3g}" for lr in group_lrs(optimizer))
             ck.restore()
             return Outcome(_skipped(model_name, loss_value, optimizer, step_number,
-                                    f"the step at lr {rates} gives non-finite updates ({shown}): no step taken, nothing "
-                                    f"changed; use a lower rate", notes), None)
+                                    f"the step at lr {rates} gives non-finite updates ({shown}): no step taken, "
+                                    f"nothing changed; use a lower rate", notes), None)
     except BaseException as e:
         ck.restore()
         if tx.entered_step and not copies and hasattr(e, "add_note"):

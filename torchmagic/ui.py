@@ -90,7 +90,7 @@ class TrainStepPanel:
         self._busy_until: datetime.datetime | None = None  # on the front end's clock: clicks sent before are stale
         names, lrs = session.group_names, session.lrs
         self.sliders = []
-        for name, lr in zip(names, lrs):
+        for name, lr in zip(names, lrs, strict=False):
             lr = lr if lr > 0 else 1e-3
             lo, hi = slider_range(lr)
             label = "lr" if len(lrs) == 1 else f"lr {name}"
@@ -98,7 +98,8 @@ class TrainStepPanel:
                                                  readout_format=".2e", layout=w.Layout(width="560px")))
         self.slider = self.sliders[0]
         self.button = w.Button(description="Step", tooltip="run the cell again and step at the sliders' rates")
-        self.try_button = w.Button(description="Try", tooltip="preview the loss after one step at these rates, then undo it")
+        self.try_button = w.Button(description="Try",
+                                   tooltip="preview the loss after one step at these rates, then undo it")
         self.undo_button = w.Button(description="Undo", tooltip="back to exactly before the last step")
         self.status = w.HTML()
         self.output = w.Output()
@@ -131,7 +132,7 @@ class TrainStepPanel:
         return [s.value for s in self.sliders]
 
     def set_rates(self, lrs: list[float]):
-        for slider, lr in zip(self.sliders, lrs):
+        for slider, lr in zip(self.sliders, lrs, strict=False):
             if lr > 0:
                 _center(slider, lr)
                 slider.value = lr

@@ -36,7 +36,8 @@ class DeviceReport(Result):
         for c in self.cuda:
             mem = (f"{render.nbytes(c.used)} used / {render.nbytes(c.total)} "
                    f"(torch allocated {render.nbytes(c.allocated)}, reserved {render.nbytes(c.reserved)})")
-            rows.append([f"cuda:{c.index}", f"{c.name}, capability {c.capability}, {mem}", "current" if c.current else "available"])
+            rows.append([f"cuda:{c.index}", f"{c.name}, capability {c.capability}, {mem}",
+                         "current" if c.current else "available"])
         if not self.cuda and self.cuda_note:
             rows.append(["cuda", self.cuda_note, "not available"])
         if self.mps:
@@ -53,7 +54,8 @@ class DeviceReport(Result):
         return "\n".join([render.text_table(["device", "details", "status"], self._rows()), *self._footer()])
 
     def _repr_html_(self) -> str:
-        return render.html_block("devices", [render.html_table(["device", "details", "status"], self._rows())], self._footer())
+        return render.html_block("devices", [render.html_table(["device", "details", "status"], self._rows())],
+                                 self._footer())
 
 
 @dataclass(repr=False)

@@ -74,7 +74,8 @@ class CellMemory(Result):
     def warning(self) -> str:
         if not self.held_tensors:
             return ""
-        return f"the error keeps {_tensors(self.held_tensors, self.held_bytes)} alive in its traceback: %memory release frees them"
+        return (f"the error keeps {_tensors(self.held_tensors, self.held_bytes)} alive in its traceback: "
+                f"%memory release frees them")
 
     def to_text(self) -> str:
         head = f"memory, cell {self.cell}" if self.cell is not None else "memory"
@@ -168,7 +169,8 @@ class MemoryRelease(Result):
             head = "no error's frames held tensors; garbage collected"
         lines = []
         if self.dev_after is not None:
-            lines.append(f"{self.device} allocated: {render.nbytes(self.dev_before)} -> {render.nbytes(self.dev_after)}")
+            lines.append(f"{self.device} allocated: {render.nbytes(self.dev_before)} -> "
+                         f"{render.nbytes(self.dev_after)}")
         if self.rss_after is not None and self.rss_before is not None:
             lines.append(f"RSS: {render.nbytes(self.rss_before)} -> {render.nbytes(self.rss_after)}")
         if self.held_tensors:

@@ -76,7 +76,8 @@ class MemoryPlan(Result):
         what = [f"batch {self.batch:,}" if self.batch is not None else "", self.dtype,
                 f"autocast {self.amp}" if self.amp else "", self.optimizer, self.target]
         if self.devices > 1:
-            what.append(f"{self.shard.upper() if self.shard != 'zero2' else 'ZeRO-2'} over {self.devices} devices, per device")
+            what.append(f"{self.shard.upper() if self.shard != 'zero2' else 'ZeRO-2'} over {self.devices} devices, per "
+                        f"device")
         return f"{self.model}: a training step's memory, planned on fake tensors ({', '.join(w for w in what if w)})"
 
     def _verdict(self) -> str:
@@ -86,7 +87,8 @@ class MemoryPlan(Result):
             if self.fits:
                 line += f"; budget {render.nbytes(self.budget)}{source}: fits, {render.nbytes(self.headroom)} to spare"
             else:
-                line += f"; budget {render.nbytes(self.budget)}{source}: does not fit, {render.nbytes(-self.headroom)} over"
+                line += (f"; budget {render.nbytes(self.budget)}{source}: does not fit, "
+                         f"{render.nbytes(-self.headroom)} over")
         if self.largest_batch is not None:
             line += (f"; largest batch that fits: {self.largest_batch:,}" if self.largest_batch
                      else "; not even batch 1 fits")

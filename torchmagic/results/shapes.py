@@ -56,7 +56,8 @@ class ShapeFailure:
         return what + (f" in {self.within}" if self.within else "")
 
     def lines(self) -> list[str]:
-        out = [f"{self.where} failed on input {self.inputs}" if self.inputs else f"{self.where} failed", f"  {self.error}"]
+        out = [f"{self.where} failed on input {self.inputs}" if self.inputs else f"{self.where} failed",
+               f"  {self.error}"]
         if self.explanation:
             out.append(f"  why: {self.explanation}")
         if self.fix:
@@ -147,7 +148,7 @@ class ShapeTrace(ModuleTable):
         return [render.TreeRow(name=r.name, label=label, depth=r.depth, cells=self._cells(r, False),
                                full=self._cells(r, True), css=css, key=(r.cls, r.inputs, r.outputs, r.status, r.kind),
                                source=r)
-                for r, label, css in zip(self.rows, labels, self._classes())]
+                for r, label, css in zip(self.rows, labels, self._classes(), strict=False)]
 
     def _merge(self, blocks: list[render.TreeRow], label: str) -> render.TreeRow:
         first = blocks[0].source
@@ -161,7 +162,8 @@ class ShapeTrace(ModuleTable):
     def _title(self) -> str:
         calls = sum(1 for r in self.rows if r.kind == "module")
         ops = len(self.rows) - calls
-        what = f"{calls} module call{'s' if calls != 1 else ''}" + (f" and {ops} op{'s' if ops != 1 else ''}" if ops else "")
+        what = f"{calls} module call{'s' if calls != 1 else ''}"
+        what += f" and {ops} op{'s' if ops != 1 else ''}" if ops else ""
         if self.failure:
             return f"{self.model}: {self.failure.where} failed; {what} traced up to it ({self.mode} mode)"
         return f"{self.model}: {what} traced ({self.mode} mode)"

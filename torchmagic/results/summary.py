@@ -77,22 +77,25 @@ class ParamSummary(ModuleTable):
     def squeeze(self) -> list[set[int]]:
         return [{i for i, c in enumerate(self.columns) if c in ("output", "note")}, {0, 1}]
 
-    def _cells(self, r: ParamRow, total: tuple[int, str], full: bool, cls: str = "", flops: int | None = None) -> list[str]:
+    def _cells(self, r: ParamRow, total: tuple[int, str], full: bool, cls: str = "",
+               flops: int | None = None) -> list[str]:
         flops = r.flops if flops is None else flops
         total, trainable = total
         cells = [cls or r.cls] + ([r.output] if "output" in self.columns else [])
         cells.append((render.count(total) if full else render.short_count(total)) if total else "")
         if self.flops is not None:
             cells.append((render.count(flops) if full else render.si(flops)) if flops else "")
-        return cells + ([trainable] if "trainable" in self.columns else []) + ([r.note] if "note" in self.columns else [])
+        cells += [trainable] if "trainable" in self.columns else []
+        return cells + ([r.note] if "note" in self.columns else [])
 
     def _tree(self) -> list[render.TreeRow]:
-        shown = [(r, t) for r, t in zip(self.rows, self.totals()) if self.depth is None or r.depth <= self.depth]
+        shown = [(r, t) for r, t in zip(self.rows, self.totals(),
+                                        strict=False) if self.depth is None or r.depth <= self.depth]
         labels = render.labels([r.name for r, _ in shown], [r.depth for r, _ in shown])
         return [render.TreeRow(name=r.name, label=label, depth=r.depth, cells=self._cells(r, t, False),
                                full=self._cells(r, t, True), css="tm-dim" if r.trainable == "frozen" else "",
                                key=(r.cls, r.output, t, r.note), source=(r, t))
-                for (r, t), label in zip(shown, labels)]
+                for (r, t), label in zip(shown, labels, strict=False)]
 
     def _merge(self, blocks: list[render.TreeRow], label: str) -> render.TreeRow:
         first, _ = blocks[0].source
@@ -101,7 +104,8 @@ class ParamSummary(ModuleTable):
         cls = f"{first.cls} ×{len(blocks)}"
         return render.TreeRow(name=f"{blocks[0].name} … {blocks[-1].name}", label=label, depth=first.depth,
                               cells=self._cells(first, total, False, cls, flops),
-                              full=self._cells(first, total, True, cls, flops), css=blocks[0].css, source=(first, total))
+                              full=self._cells(first, total, True, cls, flops), css=blocks[0].css, source=(first,
+                                                                                                           total))
 
     def _totals(self) -> list[str]:
         lines = [

@@ -109,7 +109,8 @@ class StepResult(Result):
 
     def _title(self) -> str:
         if self.preview and self.stepped:
-            return f"{self.model}: preview of one step at lr {', '.join(num(lr) for lr in self.lrs)} (undone: nothing changed)"
+            rates = ", ".join(num(lr) for lr in self.lrs)
+            return f"{self.model}: preview of one step at lr {rates} (undone: nothing changed)"
         return f"{self.model}: step {self.step}" if self.stepped else f"{self.model}: no step taken"
 
     def _summary(self) -> str:
@@ -212,4 +213,5 @@ class SweepResult(Result):
                        vline=self.suggestion)
         table = render.html_table(SWEEP_COLUMNS, self._cells(), SWEEP_NUMERIC)
         return render.html_block(self._title(), [svg, *map(html_line, self._advice()),
-                                                 f"<details><summary>every rate</summary>{table}</details>"], self.notes)
+                                                 f"<details><summary>every rate</summary>{table}</details>"],
+                                                 self.notes)
