@@ -3,7 +3,7 @@
 __version__ = "0.1.0"  # the one place: pyproject.toml reads it from here
 __all__ = ["__version__", "load_ipython_extension", "unload_ipython_extension"]
 
-_loaded = {}  # shell -> TorchMagics instance
+_loaded: dict = {}  # id(shell) -> TorchMagics instance
 
 
 def load_ipython_extension(ipython):

@@ -7,6 +7,7 @@ pretrained parts a lower learning rate (the usual advice: about 10x lower than n
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Sequence
 
 from torch import nn
 
@@ -28,7 +29,7 @@ def _names_by_tensor(model: nn.Module) -> dict[int, list[str]]:
     return names
 
 
-def select(model: nn.Module, patterns: list[str], exclude: list[str] = ()) -> list[tuple[str, nn.Parameter]]:
+def select(model: nn.Module, patterns: list[str], exclude: Sequence[str] = ()) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) for every parameter matched (all of them without patterns), tied ones once.
     A tied weight answers to each of its names (lm_head.weight is transformer.wte.weight in GPT-2), so a
     module whose parameters are all shared is selectable by its own name; excluding any of its names
@@ -49,7 +50,7 @@ def select(model: nn.Module, patterns: list[str], exclude: list[str] = ()) -> li
     return chosen
 
 
-def tied_notes(model: nn.Module, patterns: list[str], exclude: list[str] = ()) -> list[str]:
+def tied_notes(model: nn.Module, patterns: list[str], exclude: Sequence[str] = ()) -> list[str]:
     """One line per weight that several names share and that a pattern names: the same tensor under each."""
     notes = []
     for ns in _names_by_tensor(model).values():
@@ -67,7 +68,7 @@ def _state(params: list[nn.Parameter]) -> str:
 
 
 def trainable_report(model: nn.Module, name: str, action: str, changed: list[str], matched: int,
-                     notes: list[str] = ()) -> FreezeReport:
+                     notes: Sequence[str] = ()) -> FreezeReport:
     unique = list(model.parameters())
     rows = []
     own = list(model.parameters(recurse=False))
@@ -88,7 +89,7 @@ def trainable_report(model: nn.Module, name: str, action: str, changed: list[str
 
 
 def set_trainable(model: nn.Module, name: str, patterns: list[str], *, trainable: bool,
-                  exclude: list[str] = ()) -> FreezeReport:
+                  exclude: Sequence[str] = ()) -> FreezeReport:
     """requires_grad = trainable for the selected parameters. Changes nothing if a pattern is wrong."""
     if not any(True for _ in model.parameters()):
         raise TorchMagicError(f"{name} ({type(model).__name__}) has no parameters to freeze or unfreeze: "

@@ -5,6 +5,8 @@ import html
 import os
 import shutil
 import sys
+from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 # Colours and fonts come from the front end's theme (JupyterLab/Notebook 7 variables, then VS Code's),
@@ -67,7 +69,7 @@ def text_width() -> int:
         return _width["fixed"]
     if _width["terminal"]:
         try:  # the terminal's own size first: a COLUMNS variable in the environment can be stale
-            return os.get_terminal_size(sys.__stdout__.fileno()).columns
+            return os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
         except (AttributeError, ValueError, OSError):  # not a terminal after all (stdout piped)
             return shutil.get_terminal_size((TEXT_WIDTH, 24)).columns
     return TEXT_WIDTH
@@ -107,16 +109,21 @@ def elide(text: str, width: int) -> str:
     return text[:(keep + 1) // 2] + "…" + text[len(text) - keep // 2:]
 
 
-def fit(widths: list[int], budget: int, squeeze, floor: int = 12) -> list[int]:
+# The columns whose long values may be elided: one set, or sets in the order to cut them.
+Squeeze = AbstractSet[int] | Sequence[AbstractSet[int]]
+
+
+def fit(widths: list[int], budget: int, squeeze: Squeeze, floor: int = 12) -> list[int]:
     """Column widths within `budget` characters (two between columns included). `squeeze`: the
     columns that may be cut, a set, or sets in the order to cut them (values before names); the
     widest columns of a set are cut to one common cap, never below `floor`."""
-    for group in ([squeeze] if isinstance(squeeze, (set, frozenset)) else squeeze):
+    groups: Sequence[AbstractSet[int]] = [squeeze] if isinstance(squeeze, AbstractSet) else squeeze
+    for group in groups:
         widths = _fit(widths, budget, group, floor)
     return widths
 
 
-def _fit(widths: list[int], budget: int, squeeze: set[int], floor: int) -> list[int]:
+def _fit(widths: list[int], budget: int, squeeze: AbstractSet[int], floor: int) -> list[int]:
     gaps = 2 * (len(widths) - 1)
     if sum(widths) + gaps <= budget or not squeeze:
         return widths
@@ -144,8 +151,8 @@ def places(columns: list[str], names) -> set[int]:
     return {i for i, c in enumerate(columns) if c in names}
 
 
-def text_table(columns: list[str], rows: list[list[str]], numeric: set[int] = frozenset(),
-               width: int | None = None, squeeze: set[int] = frozenset()) -> str:
+def text_table(columns: list[str], rows: list[list[str]], numeric: AbstractSet[int] = frozenset(),
+               width: int | None = None, squeeze: Squeeze = frozenset()) -> str:
     """Aligned columns. With `width`, the long values of the `squeeze` columns are elided in the
     middle so that the table fits."""
     widths = _widths(columns, rows)
@@ -183,7 +190,8 @@ class TreeRow:
 
 def labels(names: list[str], depths: list[int]) -> list[str]:
     """Each name relative to its parent's (the nearest row above it, one level up)."""
-    out, parents = [], {}
+    out: list[str] = []
+    parents: dict[int, str] = {}
     for name, depth in zip(names, depths, strict=False):
         parent = parents.get(depth - 1, "")
         out.append(name[len(parent) + 1:] if parent and name.startswith(parent + ".") else name)
@@ -216,12 +224,12 @@ def fold_repeats(rows: list[TreeRow], merge) -> list[TreeRow]:
             while blocks[-1][1] < len(rows):
                 start = blocks[-1][1]
                 stop = _subtree_end(rows, start)
-                if (rows[start].depth != row.depth or _numbered(rows[start].label) != (number[0],
-                                                                                       number[1] + len(blocks))
+                following = (number[0], number[1] + len(blocks))
+                if (rows[start].depth != row.depth or _numbered(rows[start].label) != following
                         or [(r.depth - row.depth, r.key) for r in rows[start:stop]] != inside):
                     break
                 blocks.append((start, stop))
-        if len(blocks) > 1:
+        if number is not None and len(blocks) > 1:
             prefix = f"{number[0]}." if number[0] else ""
             out.append(merge([rows[a] for a, _ in blocks], f"{prefix}{number[1]}–{number[1] + len(blocks) - 1}"))
             i = blocks[-1][1]
@@ -277,11 +285,11 @@ def tree_cells(rows: list[TreeRow], full: bool = False) -> list[list[str]]:
 def html_table(
     columns: list[str],
     rows: list[list[str]],
-    numeric: set[int] = frozenset(),
+    numeric: AbstractSet[int] = frozenset(),
     row_classes: list[str] | None = None,
     *,
     titles: list[str] | None = None,
-    squeeze: set[int] = frozenset(),
+    squeeze: Squeeze = frozenset(),
     short: tuple[list[list[str]], list[str], list[str], str] | None = None,
 ) -> str:
     """An HTML table that fits a notebook's output column: long values of the `squeeze` columns are
@@ -316,7 +324,7 @@ def _cell(tag: str, text: str, numeric: bool, title: str = "") -> str:
     return f"<{tag}{attrs}>{html.escape(text)}</{tag}>"
 
 
-def _table(columns: list[str], rows: list[list[str]], numeric: set[int], classes: list[str], titles: list[str],
+def _table(columns: list[str], rows: list[list[str]], numeric: AbstractSet[int], classes: list[str], titles: list[str],
            caps: list[int]) -> str:
     head = "".join(_cell("th", c, i in numeric) for i, c in enumerate(columns))
     body = []
@@ -327,13 +335,13 @@ def _table(columns: list[str], rows: list[list[str]], numeric: set[int], classes
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def html_block(title: str, parts: list[str], notes: list[str] = (), errors: list[str] = (), *,
+def html_block(title: str, parts: Sequence[str], notes: Sequence[str] = (), errors: Sequence[str] = (), *,
                errors_first: bool = False) -> str:
     """A result: its title, the parts (tables, plots), errors and notes. errors_first: the errors
     right under the title (an explanation before the table it explains)."""
-    errors = [f'<div class="tm-error">{html.escape(e)}</div>' for e in errors]
+    shown = [f'<div class="tm-error">{html.escape(e)}</div>' for e in errors]
     out = [_CSS, '<div class="tm-result">', f'<div class="tm-title">{html.escape(title)}</div>']
-    out += (errors + parts) if errors_first else (parts + errors)
+    out += [*shown, *parts] if errors_first else [*parts, *shown]
     out += [f'<div class="tm-note">{html.escape(n)}</div>' for n in notes]
     out.append("</div>")
     return "".join(out)

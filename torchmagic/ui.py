@@ -78,7 +78,7 @@ class TrainStepPanel:
     Every panel of one optimizer shows its step numbers; a panel whose result is out of date
     (another panel or cell stepped since) says so."""
 
-    def __init__(self, session: StepSession, shell, result: Result, call: Callable = None):
+    def __init__(self, session: StepSession, shell, result: Result, call: Callable | None = None):
         import ipywidgets as w
 
         self.session = session

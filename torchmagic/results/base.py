@@ -10,7 +10,8 @@ from .. import render
 class Result:
     """Text in the terminal (`_repr_pretty_`, `repr`), HTML in Jupyter (`_repr_html_`)."""
 
-    def to_text(self) -> str:
+    def to_text(self, short: bool = False) -> str:
+        """short: what fits the terminal, where a result has a long form (print() shows that one)."""
         raise NotImplementedError
 
     def _repr_html_(self) -> str:
