@@ -17,7 +17,7 @@ from IPython.core.magic import Magics, cell_magic, line_cell_magic, line_magic, 
 from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import display
 from torch import nn
-from traitlets import Bool, Enum, Int, observe
+from traitlets import Bool, Enum, Int, TraitError, observe, validate
 
 from .compat import running_cell_number
 from .errors import TorchMagicError, one_line
@@ -70,13 +70,24 @@ class TorchMagics(Magics):
         self._memory = None  # a memory.CellReporter from the first %memory on
         self._configure_width()
 
+    @validate("memory_min_change", "text_width")
+    def _not_negative(self, proposal):
+        """A negative value is refused and the old one kept; %config shows the message in one line."""
+        value, name = proposal["value"], proposal["trait"].name
+        if value < 0:
+            what, example = {"memory_min_change": ("a number of bytes, 0 or more (0: a line after every cell)", 1 << 20),
+                             "text_width": ("a width in characters, or 0 for the terminal's width", 100)}[name]
+            raise TraitError(f"TorchMagics.{name} = {value} is negative: give {what}, "
+                             f"e.g. %config TorchMagics.{name} = {example}")
+        return value
+
     @observe("text_width")
     def _configure_width(self, change=None):
         from . import render
 
         # A terminal shell has imported its module (and prompt_toolkit): importing it here would cost a kernel 80 ms.
         terminal = sys.modules.get("IPython.terminal.interactiveshell")
-        render.configure(width=max(self.text_width, 0),
+        render.configure(width=self.text_width,
                          terminal=terminal is not None and isinstance(self.shell, terminal.TerminalInteractiveShell))
 
     def close(self):
