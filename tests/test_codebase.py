@@ -3,8 +3,9 @@ private API is touched in two modules only."""
 import ast
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 import torchmagic
 
@@ -90,7 +91,8 @@ def foreign_private(tree: ast.Module, own: set[str]) -> list[str]:
             if any(map(_private, node.module.split("."))) or any(_private(a.name) for a in node.names):
                 found.append(f"line {node.lineno}: from {node.module} import ...")
         elif isinstance(node, ast.Import):
-            found += [f"line {node.lineno}: import {a.name}" for a in node.names if any(map(_private, a.name.split(".")))]
+            found += [f"line {node.lineno}: import {a.name}" for a in node.names
+                      if any(map(_private, a.name.split(".")))]
     return found
 
 

@@ -75,8 +75,10 @@ class TorchMagics(Magics):
         """A negative value is refused and the old one kept; %config shows the message in one line."""
         value, name = proposal["value"], proposal["trait"].name
         if value < 0:
-            what, example = {"memory_min_change": ("a number of bytes, 0 or more (0: a line after every cell)", 1 << 20),
-                             "text_width": ("a width in characters, or 0 for the terminal's width", 100)}[name]
+            what, example = {
+                "memory_min_change": ("a number of bytes, 0 or more (0: a line after every cell)", 1 << 20),
+                "text_width": ("a width in characters, or 0 for the terminal's width", 100),
+            }[name]
             raise TraitError(f"TorchMagics.{name} = {value} is negative: give {what}, "
                              f"e.g. %config TorchMagics.{name} = {example}")
         return value
