@@ -1,5 +1,5 @@
-"""Everything that uses torch's private API lives here, so a torch upgrade breaks one place:
-FakeTensorMode (tensors with shapes, dtypes and devices but no data), meta copies, and the
+"""The fake-tensor side of torch's private API lives here (torchapi.py names the rest), so a torch
+upgrade breaks one place: FakeTensorMode (tensors with shapes, dtypes and devices but no data), meta copies, and the
 dispatch-level counter of FLOPs and activation bytes.
 
 Fake tensors may claim any device: a model whose parameters are fake CUDA tensors (made under

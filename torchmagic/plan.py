@@ -7,7 +7,8 @@ state, the activations autograd saves, and every temporary of backward and of th
 counted: memory a kernel takes outside torch's tensors (cuBLAS/cuDNN workspaces, oneDNN scratch),
 the CUDA context, and the caching allocator's reserved-but-free blocks.
 
-Like fake.py, this module uses torch's private API (checked against torch 2.13):
+This module relies on torch's private API (checked against torch 2.13), reached through fake.py and
+torchapi.py:
 - `TorchDispatchMode` to see every tensor an operation makes, and weak references to storages,
   whose callbacks say when a storage is freed;
 - `UntypedStorage.resize_`, wrapped while a plan runs: FSDP frees and regrows its gathered
