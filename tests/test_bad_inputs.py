@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from IPython.core.error import UsageError
 
-from conftest import requires_cuda
+from support import requires_cuda
 from snapshot import diff, snapshot
 from torchmagic.errors import TorchMagicError
 from torchmagic.parsing import MAX_INPUT_ELEMENTS, looks_like_shape, parse_shape, split_line

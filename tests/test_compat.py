@@ -14,7 +14,7 @@ import traceback
 import pytest
 
 import torchmagic
-from conftest import NET_SOURCE
+from support import NET_SOURCE
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[a-zA-Z]")
 

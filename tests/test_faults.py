@@ -24,7 +24,7 @@ import pytest
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 
-from conftest import Shell, start_inprocess_kernel
+from support import Shell, start_inprocess_kernel
 from snapshot import clear_last_error, collectable, diff, snapshot
 
 os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")  # the in-process kernel imports debugpy

@@ -23,7 +23,7 @@ from snapshot import CHECKS, _part, _values, by_check, collectable, diff, snapsh
 WEAKREF = "weakref dies"
 OUTCOME = "outcome"  # a result, or the expected refusal as one UsageError line: never another exception
 COLUMNS = [OUTCOME, *CHECKS, WEAKREF]
-# (magic id, model id) -> {check: "ok" | "FAIL: ..." | "n/a: ..."}; read by conftest's terminal summary.
+# (magic id, model id) -> {check: "ok" | "FAIL: ..." | "n/a: ..."}; read by tests/conftest.py's terminal summary.
 RESULTS: dict[tuple[str, str], dict[str, str]] = {}
 WAITING: dict[str, str] = {c.id: c.needs for c in MAGICS if c.needs}
 

@@ -7,7 +7,7 @@ import signal
 import pytest
 import torch
 
-from conftest import requires_cuda
+from support import requires_cuda
 from snapshot import diff, optimizer_snapshot, snapshot
 from torchmagic import training
 
@@ -75,6 +75,17 @@ def test_step_is_the_hand_written_step_bit_for_bit(notes):
     for (n, p), q in zip(net.named_parameters(), ref.parameters()):
         assert torch.equal(p, q) and torch.equal(p.grad, q.grad), n
     assert r.stepped and r.step == 1 and r.loss == notes.ns["loss"].item()
+
+
+def test_a_second_step_counts_on_with_its_own_rate(notes):
+    before = [p.detach().clone() for p in notes.ns["net"].parameters()]
+    r = notes.run("%%trainstep net optimizer\nout = net(input)\ncriterion(out, y)")
+    assert r.stepped and r.step == 1 and r.lrs == [0.01] and r.grad_norm > 0
+    after = list(notes.ns["net"].parameters())
+    assert all(not torch.equal(a, b) for a, b in zip(before, after))
+    assert "loss" in notes.text(r) and "step 1" in notes.text(r)
+    r2 = notes.run("%%trainstep net optimizer --lr 0.001\nout = net(input)\ncriterion(out, y)")
+    assert r2.step == 2 and r2.lrs == [0.001] and r2.loss < r.loss
 
 
 def test_per_parameter_norms(notes):
@@ -237,6 +248,23 @@ def test_error_in_body_restores_batchnorm_and_shows_user_frames(shell, capsys):
     assert diff(before, state(shell)) == []  # BatchNorm running stats and RNG included
     shown = capsys.readouterr().out
     assert "bad = 1 / 0" in shown and "training.py" not in shown and "magics.py" not in shown
+
+
+def test_error_in_body_cuts_the_step_machinery_from_the_traceback(notes):
+    notes.run("bn = nn.BatchNorm1d(10)\nnet.bn = bn\nnet.train()")
+    before = snapshot(notes.ns["net"])
+    err = notes.error("%%trainstep net optimizer\nout = net.bn(net(torch.randn(4, 1, 32, 32)))\n1 / 0")
+    assert isinstance(err, ZeroDivisionError)
+    assert diff(before, snapshot(notes.ns["net"])) == []  # BatchNorm running stats restored
+    frames = []
+    tb = err.__traceback__
+    while tb:
+        frames.append((tb.tb_frame.f_code.co_filename, tb.tb_frame.f_code.co_name))
+        tb = tb.tb_next
+    # the frames between the magic's raise and the user's cell body (the step machinery) are cut
+    body = max(i for i, (f, _) in enumerate(frames) if "torchmagic" in f) + 1
+    assert frames[body][0].startswith("<ipython-input")
+    assert not any(f.endswith("training.py") or name == "_run_body" for f, name in frames)
 
 
 def test_error_in_backward_changes_nothing(notes):

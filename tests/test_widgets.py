@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from conftest import NET_SOURCE, start_inprocess_kernel
+from support import NET_SOURCE, start_inprocess_kernel
 from snapshot import diff, optimizer_snapshot, snapshot
 from test_trainstep import BN_NET
 from torchmagic.results import StepResult, SweepResult, UndoResult
