@@ -5,10 +5,9 @@ import atexit
 
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
-from traitlets.config import Config
-
 from snapshot import young_heap_only  # noqa: F401  (autouse: every test module collects only its own objects)
 from support import NET_SOURCE, Shell
+from traitlets.config import Config
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ import sys
 
 import pytest
 import torch
-
 from snapshot import diff, snapshot
+
 from torchmagic import devices
 from torchmagic.errors import TorchMagicError
 from torchmagic.results import DeviceReport, MoveReport
@@ -97,9 +97,10 @@ def test_move_keeps_parameters_and_optimizer_together(notes):
     state = _state(notes.ns["optimizer"])
     report = notes.run("%device cpu net optimizer input")
     assert [n for n, _ in report.moved] == ["net", "optimizer", "input"]
-    assert list(notes.ns["net"].parameters()) == params and all(a is b for a, b in zip(notes.ns["net"].parameters(), params))
+    assert list(notes.ns["net"].parameters()) == params
+    assert all(a is b for a, b in zip(notes.ns["net"].parameters(), params, strict=True))
     held = [p for g in notes.ns["optimizer"].param_groups for p in g["params"]]
-    assert all(a is b for a, b in zip(held, params))
+    assert all(a is b for a, b in zip(held, params, strict=True))
     assert _state(notes.ns["optimizer"]).keys() == state.keys()
     # A training step works right after the move, and changes the parameters.
     w = params[0].detach().clone()
@@ -168,8 +169,8 @@ def test_module_failing_part_way_is_undone(shell):
     assert "ran out of memory while moving 'model'" in message and "the move was undone" in message
     assert e.value.__context__ is None  # the failure's traceback (holding the copies made so far) is gone
     assert diff(before, snapshot(model)) == []
-    assert all(a is b for a, b in zip(model.parameters(), params))
-    assert all(a is b for a, b in zip(model.buffers(), buffers))
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
+    assert all(a is b for a, b in zip(model.buffers(), buffers, strict=True))
     assert _state(opt) == state  # the very same state tensors
     assert all(p.device.type == "cpu" for p in model.parameters())
     # The model still trains.

@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import torch
-
 from support import NET_SOURCE
 
 MAGICS = {"line": {"device", "shapes", "summary"}, "cell": {"trainstep"}}

@@ -36,7 +36,7 @@ def _expected(name: str, text: str) -> str:
     path = GOLDEN / f"{name}.txt"
     if UPDATE:
         path.write_text(text + "\n", encoding="utf-8")
-    assert path.exists(), f"{path} is missing: TORCHMAGIC_UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py writes it"
+    assert path.exists(), f"{path} is missing: TORCHMAGIC_UPDATE_GOLDEN=1 pytest tests/test_golden.py writes it"
     return path.read_text(encoding="utf-8").removesuffix("\n")
 
 

@@ -16,7 +16,8 @@ def test_summary_counts_the_notes_network(notes):
 
 
 def test_summary_with_input_and_promises(notes):
-    notes.run("bn_net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Flatten(), nn.Linear(4 * 30 * 30, 2))\n"
+    notes.run("bn_net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Flatten(),"
+              " nn.Linear(4 * 30 * 30, 2))\n"
               "bn_net.train(); bn_net[1].eval()")
     model = notes.ns["bn_net"]
     before = snapshot(model)
