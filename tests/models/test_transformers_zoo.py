@@ -15,10 +15,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from snapshot import diff, snapshot, young_heap_only  # noqa: E402,F401  (an autouse fixture)
-from transformers_zoo import architectures, build, token_ids  # noqa: E402
+from snapshot import diff, snapshot, young_heap_only  # noqa: F401  (an autouse fixture)
+from transformers_zoo import architectures, build, token_ids
 
-from torchmagic.parsing import format_shape  # noqa: E402
+from torchmagic.parsing import format_shape
 
 CHECKS = ("shapes", "fake", "summary", "unchanged", "trainstep")
 # arch -> "no forward: why" or {check: "" (passed) or what went wrong}; read by report().
