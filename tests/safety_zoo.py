@@ -98,7 +98,8 @@ class Heads(nn.Module):
     def forward(self, x):
         return {"logits": self.a(x), "aux": self.b(x)}
 model = Heads()
-""" + _opt(), "4,8", "model(torch.randn(4, 8))", "out = model(torch.randn(4, 8))\nout['logits'].sum() + out['aux'].pow(2).sum()"),
+""" + _opt(), "4,8", "model(torch.randn(4, 8))",
+             "out = model(torch.randn(4, 8))\nout['logits'].sum() + out['aux'].pow(2).sum()"),
     ZooModel("dataclass_output", """
 @dataclasses.dataclass
 class Output:
@@ -122,7 +123,8 @@ class Gaussian(nn.Module):
     def forward(self, x):
         return Pair(self.mu(x), self.lv(x))
 model = Gaussian()
-""" + _opt(), "4,8", "model(torch.randn(4, 8))", "out = model(torch.randn(4, 8))\nout.mean.pow(2).mean() + out.logvar.exp().mean()"),
+""" + _opt(), "4,8", "model(torch.randn(4, 8))",
+             "out = model(torch.randn(4, 8))\nout.mean.pow(2).mean() + out.logvar.exp().mean()"),
     ZooModel("embedding_ids", "model = nn.Sequential(nn.Embedding(50, 8), nn.Linear(8, 3))\n" + _opt(),
              "2,5", "model(torch.randint(0, 50, (2, 5)))", "model(torch.randint(0, 50, (2, 5))).pow(2).mean()"),
     # The user's own hooks on modules and parameters must survive, and keep firing as before.
@@ -147,7 +149,8 @@ with torch.device("meta"):
              xfail={"trainstep_sweep": "--sweep runs the user's cell, which calls the compiled wrapper: dynamo "
                                        "compiles it and tags its parameters (_dynamo_static_input_type), as the cell "
                                        "run by hand does (or not, when dynamo reuses a graph compiled earlier in the "
-                                       "process: hence not strict); the matrix has no by-hand form of a sweep to compare"}),
+                                       "process: hence not strict); the matrix has no by-hand form of a sweep to "
+                                       "compare"}),
     ZooModel("data_parallel", f"model = nn.DataParallel({_CNN}.train())\n" + _opt(), "2,3,8,8",
              "model(torch.randn(2, 3, 8, 8))", "model(torch.randn(2, 3, 8, 8)).pow(2).mean()"),
 ]
@@ -210,6 +213,7 @@ def matrix_params():
     that does not exist yet runs on the first model only: its XPASS says the feature arrived, and
     clearing `needs` then runs it on the whole zoo."""
     return [pytest.param(m, z, id=f"{m.id}-{z.id}",
-                         marks=[pytest.mark.xfail(strict="hence not strict" not in known_gap(m, z), reason=known_gap(m, z))]
+                         marks=[pytest.mark.xfail(strict="hence not strict" not in known_gap(m, z),
+                                                  reason=known_gap(m, z))]
                          if known_gap(m, z) else [])
             for m in MAGICS for z in (ZOO[:1] if m.needs else ZOO)]

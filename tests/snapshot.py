@@ -17,7 +17,8 @@ import torch
 from torch.nn.modules import module as nn_module
 
 # Every global dict of torch.nn.modules.module: the hooks and their flags (with_kwargs, always_call).
-_GLOBAL_HOOK_DICTS = [name for name in dir(nn_module) if name.startswith("_global_") and isinstance(getattr(nn_module, name), dict)]
+_GLOBAL_HOOK_DICTS = [name for name in dir(nn_module)
+                      if name.startswith("_global_") and isinstance(getattr(nn_module, name), dict)]
 
 
 def _module_hook_dicts(m: torch.nn.Module) -> list[str]:
@@ -126,7 +127,8 @@ def snapshot(model: torch.nn.Module | None = None, optimizer: torch.optim.Optimi
         }
         snap["attributes"] = {(n, k): _attribute(v) for n, m in modules for k, v in vars(m).items()
                               if k != "training" and k not in _module_hook_dicts(m)}  # own columns
-        snap["attributes"].update({(n, "param." + k): _attribute(v) for n, p in named_params for k, v in vars(p).items()})
+        snap["attributes"].update({(n, "param." + k): _attribute(v)
+                                   for n, p in named_params for k, v in vars(p).items()})
         # Versions are compared only where asked (diff(..., versions=True)): a failed step restored with
         # copy_ has the right values yet new versions.
         snap["versions"] = {("param", n): _version(p) for n, p in named_params}
@@ -154,7 +156,7 @@ def _same(a, b) -> bool:
     if isinstance(a, np.ndarray):
         return isinstance(b, np.ndarray) and np.array_equal(a, b)
     if isinstance(a, (tuple, list)):
-        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     return a == b
@@ -186,7 +188,8 @@ def optimizer_snapshot(optimizer: torch.optim.Optimizer) -> dict:
             state[f"{index.get(id(p))}.{k}"] = _tensor(v) if isinstance(v, torch.Tensor) else v
     return {
         "opt_state": state,
-        "opt_groups": {g: {k: (_tensor(v) if isinstance(v, torch.Tensor) else v) for k, v in group.items() if k != "params"}
+        "opt_groups": {g: {k: (_tensor(v) if isinstance(v, torch.Tensor) else v)
+                           for k, v in group.items() if k != "params"}
                        for g, group in enumerate(optimizer.param_groups)},
         "opt_params": {g: [id(p) for p in group["params"]] for g, group in enumerate(optimizer.param_groups)},
         "opt_flags": {"opt_called": optimizer.__dict__.get("_opt_called", "missing"),

@@ -10,9 +10,9 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from IPython.core.error import UsageError
-
-from conftest import requires_cuda
 from snapshot import diff, snapshot
+from support import requires_cuda
+
 from torchmagic.errors import TorchMagicError
 from torchmagic.parsing import MAX_INPUT_ELEMENTS, looks_like_shape, parse_shape, split_line
 
@@ -102,7 +102,8 @@ MISTAKES = [
     ("step-class-as-optimizer", "%%trainstep net torch.optim.SGD\n" + LOSS, "not a torch.optim.Optimizer"),
     ("step-foreign-optimizer", "%%trainstep net other\n" + LOSS, "holds none of net's parameters"),
     ("step-parameterless-model", "%%trainstep criterion optimizer\n" + LOSS, "holds none of criterion's parameters"),
-    ("step-lr-negative", "%%trainstep net optimizer --lr -1\n" + LOSS, "--lr -1: give positive learning rates, e.g. --lr 0.01"),
+    ("step-lr-negative", "%%trainstep net optimizer --lr -1\n" + LOSS,
+     "--lr -1: give positive learning rates, e.g. --lr 0.01"),
     ("step-lr-zero", "%%trainstep net optimizer --lr 0\n" + LOSS, "--lr 0: give positive learning rates"),
     ("step-lr-inf", "%%trainstep net optimizer --lr inf\n" + LOSS, "--lr inf: give positive learning rates"),
     ("step-lr-nan", "%%trainstep net optimizer --lr nan\n" + LOSS, "--lr nan: give positive learning rates"),
@@ -125,10 +126,12 @@ MISTAKES = [
     # %memory plan and %%trainstep --plan
     ("plan-nothing", "%memory plan", "give the model and its input"),
     ("plan-no-input", "%memory plan net", "give an input after the model"),
-    ("plan-unknown-optimizer", "%memory plan net 8,1,32,32 --optimizer adamx", "--optimizer adamx: not adamw, adam or sgd"),
+    ("plan-unknown-optimizer", "%memory plan net 8,1,32,32 --optimizer adamx",
+     "--optimizer adamx: not adamw, adam or sgd"),
     ("plan-model-as-optimizer", "%memory plan net 8,1,32,32 --optimizer net", "is Net, not an optimizer"),
     ("plan-foreign-optimizer", "%memory plan net 8,1,32,32 --optimizer other", "holds none of the model's trainable"),
-    ("plan-lbfgs", "%memory plan net 8,1,32,32 --optimizer torch.optim.LBFGS(net.parameters())", "LBFGS steps with a closure"),
+    ("plan-lbfgs", "%memory plan net 8,1,32,32 --optimizer torch.optim.LBFGS(net.parameters())",
+     "LBFGS steps with a closure"),
     ("plan-budget-not-a-size", "%memory plan net 8,1,32,32 --budget 24gigs", "--budget 24gigs is not a size"),
     ("plan-budget-zero", "%memory plan net 8,1,32,32 --budget 0GB", "--budget 0GB is not a size"),
     ("plan-dtype-int", "%memory plan net 8,1,32,32 --dtype int8", "--dtype int8: give float32, bfloat16 or float16"),

@@ -12,9 +12,9 @@ import sys
 import traceback
 
 import pytest
+from support import NET_SOURCE
 
 import torchmagic
-from conftest import NET_SOURCE
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[a-zA-Z]")
 
@@ -174,7 +174,8 @@ def test_kernel_help_usage_error_and_html_result(kernel):
     assert pages and "%shapes [--depth DEPTH]" in plain(pages[0]["data"]["text/plain"])
 
     _, msgs = kernel.execute("%shapes")
-    stderr = "".join(m["content"]["text"] for m in msgs if m["msg_type"] == "stream" and m["content"]["name"] == "stderr")
+    stderr = "".join(m["content"]["text"] for m in msgs
+                     if m["msg_type"] == "stream" and m["content"]["name"] == "stderr")
     assert stderr.startswith("UsageError: ") and stderr.count("\n") == 1, stderr
     assert not [m for m in msgs if m["msg_type"] == "error"]
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from IPython.utils.capture import capture_output
-
 from snapshot import diff, snapshot
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -77,8 +76,8 @@ def test_cuda_moves_keep_parameters_and_adam_state(notes):
         moments = {id(p): opt.state[p]["exp_avg"].cpu().clone() for p in params}
         notes.run(f"%device {target} net optimizer input y")
         device = notes.ns["device"]
-        assert all(a is b for a, b in zip(net.parameters(), params))
-        assert all(a is b for a, b in zip((p for g in opt.param_groups for p in g["params"]), params))
+        assert all(a is b for a, b in zip(net.parameters(), params, strict=True))
+        assert all(a is b for a, b in zip((p for g in opt.param_groups for p in g["params"]), params, strict=True))
         for p in params:
             state = opt.state[p]
             assert p.device == device and p.grad.device == device
@@ -109,7 +108,7 @@ def test_cuda_out_of_memory_move_is_undone(shell):
     finally:
         del filler
         torch.cuda.empty_cache()
-    assert all(a is b for a, b in zip(big.parameters(), params))
+    assert all(a is b for a, b in zip(big.parameters(), params, strict=True))
     assert all(p.device.type == "cpu" for p in big.parameters())
     assert {id(p): dict(s) for p, s in opt.state.items()} == state
     assert diff(before, snapshot(big)) == []
@@ -136,7 +135,8 @@ def test_cuda_memory_release_frees_failed_cell_tensors(shell):
     shell.run("import torch; torch.zeros(1, device='cuda')")
     torch.cuda.empty_cache()
     start = torch.cuda.memory_allocated()
-    shell.error("def load():\n    batch = torch.ones(256 * 2**20 // 4, device='cuda')\n    raise ValueError('bad')\nload()")
+    shell.error("def load():\n    batch = torch.ones(256 * 2**20 // 4, device='cuda')\n"
+                "    raise ValueError('bad')\nload()")
     assert torch.cuda.memory_allocated() - start >= 256 * MB  # kept alive by the traceback
     released = shell.run("%memory release")
     assert torch.cuda.memory_allocated() - start < MB

@@ -4,8 +4,8 @@ import sys
 
 import pytest
 import torch
-
 from snapshot import diff, snapshot
+
 from torchmagic import devices
 from torchmagic.errors import TorchMagicError
 from torchmagic.results import DeviceReport, MoveReport
@@ -53,6 +53,7 @@ def test_report_lists_every_backend(shell):
     text = shell.text(report)
     assert text.splitlines()[0].split() == ["device", "details", "status"]
     assert "cpu" in text and "threads" in text and "default dtype: float32" in text
+    assert f"{torch.get_num_threads()} threads" in text and "cuda" in text  # a CUDA row even where none is available
     # Only backends that can exist on this OS: MPS on macOS alone, CUDA everywhere else.
     assert ("mps" in text) == (sys.platform == "darwin"), text
     if not torch.cuda.is_available() and sys.platform != "darwin":
@@ -66,6 +67,8 @@ def test_select_binds_device(shell):
     assert "selected device: cpu" in shell.text(shell.run("%device"))
     auto = shell.run("%device auto")
     assert shell.ns["device"].type == auto.device.split(":")[0]
+    assert auto.device.startswith("cuda" if torch.cuda.is_available() else "cpu")
+    assert f"selected device: {auto.device}" in shell.text(shell.run("%device"))
 
 
 @pytest.mark.parametrize("line, words", [
@@ -94,9 +97,10 @@ def test_move_keeps_parameters_and_optimizer_together(notes):
     state = _state(notes.ns["optimizer"])
     report = notes.run("%device cpu net optimizer input")
     assert [n for n, _ in report.moved] == ["net", "optimizer", "input"]
-    assert list(notes.ns["net"].parameters()) == params and all(a is b for a, b in zip(notes.ns["net"].parameters(), params))
+    assert list(notes.ns["net"].parameters()) == params
+    assert all(a is b for a, b in zip(notes.ns["net"].parameters(), params, strict=True))
     held = [p for g in notes.ns["optimizer"].param_groups for p in g["params"]]
-    assert all(a is b for a, b in zip(held, params))
+    assert all(a is b for a, b in zip(held, params, strict=True))
     assert _state(notes.ns["optimizer"]).keys() == state.keys()
     # A training step works right after the move, and changes the parameters.
     w = params[0].detach().clone()
@@ -116,6 +120,40 @@ def test_optimizer_not_named_is_synced_too(notes):
     assert ("optimizer", "SGD: holds moved parameters, state synced too (0 state tensors moved)") in report.moved
 
 
+def test_move_keeps_the_dtype_of_adam_state(notes):
+    notes.run("opt = torch.optim.Adam(net.parameters(), lr=1e-3)\n"
+              "opt.zero_grad(); criterion(net(input), y).backward(); opt.step()\n"
+              "net.double(); input = input.double(); y = y.double()")
+    params = [id(p) for p in notes.ns["net"].parameters()]
+    old_input = notes.ns["input"]
+    report = notes.run("%device cpu net opt input")
+    assert [id(p) for p in notes.ns["net"].parameters()] == params  # the optimizer still holds them
+    state = notes.ns["opt"].state[next(notes.ns["net"].parameters())]
+    assert state["exp_avg"].dtype == torch.float64 and state["exp_avg_sq"].dtype == torch.float64
+    assert notes.ns["input"] is not old_input or old_input.device.type == "cpu"
+    assert any(name == "opt" for name, _ in report.moved)
+    # an optimizer that holds the moved model's parameters follows even when not named
+    assert any(name == "optimizer" for name, _ in report.moved)
+    notes.run("opt.zero_grad(); criterion(net(input), y).backward(); opt.step()")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_gpu_moves_nothing(notes):
+    before = snapshot(notes.ns["net"])
+    message = notes.usage_error("%device cuda net optimizer input")
+    assert "CUDA is not available" in message and "%device cpu" in message
+    assert "device" not in notes.ns
+    assert diff(before, snapshot(notes.ns["net"])) == []
+
+
+def test_refuses_the_unmovable_before_moving_anything(notes):
+    notes.run("label = 'cat'")
+    before = snapshot(notes.ns["net"])
+    message = notes.usage_error("%device cpu net label")
+    assert "cannot move 'label' (a str)" in message
+    assert diff(before, snapshot(notes.ns["net"])) == []
+
+
 def test_module_failing_part_way_is_undone(shell):
     """The first layer has moved when the second runs out of memory: everything goes back."""
     shell.run(REFUSING)
@@ -131,8 +169,8 @@ def test_module_failing_part_way_is_undone(shell):
     assert "ran out of memory while moving 'model'" in message and "the move was undone" in message
     assert e.value.__context__ is None  # the failure's traceback (holding the copies made so far) is gone
     assert diff(before, snapshot(model)) == []
-    assert all(a is b for a, b in zip(model.parameters(), params))
-    assert all(a is b for a, b in zip(model.buffers(), buffers))
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
+    assert all(a is b for a, b in zip(model.buffers(), buffers, strict=True))
     assert _state(opt) == state  # the very same state tensors
     assert all(p.device.type == "cpu" for p in model.parameters())
     # The model still trains.

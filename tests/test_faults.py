@@ -23,9 +23,8 @@ from dataclasses import dataclass
 import pytest
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
-
-from conftest import Shell, start_inprocess_kernel
 from snapshot import clear_last_error, collectable, diff, snapshot
+from support import Shell, start_inprocess_kernel
 
 os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")  # the in-process kernel imports debugpy
 
@@ -498,11 +497,13 @@ def test_ctrl_c_at_every_line(shell, which):
             broken.append(f"{where}: the model is kept alive afterwards ({kept[0]})")
     SWEPT[which.replace("trainstep", "%trainstep").replace("_steps", " --steps 3")] = (total, len(lines), reached,
                                                                                       len(broken))
-    assert reached > min(30, len(lines) // 2) and broken == [], f"{len(broken)} of {reached} lines: " + "; ".join(broken[:12])
+    assert reached > min(30, len(lines) // 2) and broken == [], (f"{len(broken)} of {reached} lines: "
+                                                                 + "; ".join(broken[:12]))
 
 
 def report() -> list[str]:
     """The Ctrl-C sweep's numbers, for the test session's summary."""
-    every = "every line" if os.environ.get("TORCHMAGIC_SWEEP_ALL") else "a sample; TORCHMAGIC_SWEEP_ALL=1 for every line"
+    every = ("every line" if os.environ.get("TORCHMAGIC_SWEEP_ALL")
+             else "a sample; TORCHMAGIC_SWEEP_ALL=1 for every line")
     return [f"Ctrl-C sweep, %{m}: {tried} of {n} lines of torchmagic tried ({every}), {reached} reached, "
             f"{bad} broke a promise" for m, (n, tried, reached, bad) in SWEPT.items()]

@@ -1,8 +1,8 @@
 """%freeze / %unfreeze and param groups for fine-tuning (the notes' last section)."""
 import pytest
 import torch
-
 from snapshot import diff, snapshot
+
 from torchmagic.errors import TorchMagicError
 from torchmagic.finetune import param_groups
 

@@ -1,13 +1,14 @@
 """%shapes --graph through a real shell: the graph's nodes and edges checked against the trace it
 was drawn from, skip connections and residual adds as edges, folded blocks, the failing call, the
 SVG, the text tree, and a one-line message where Graphviz is missing."""
+import itertools
 import re
 
 import pytest
 import torch
-
 import zoo
 from snapshot import diff, snapshot
+
 from torchmagic.graph import find_dot
 
 needs_dot = pytest.mark.skipif(find_dot() is None, reason="Graphviz's dot is not installed (apt-get install graphviz)")
@@ -31,7 +32,7 @@ def test_notes_net_is_a_chain_with_shapes_on_its_edges(notes):
     assert names(g) == ["input", "conv1", "relu", "max_pool2d", "relu", "view", "fc1", "output"]
     chain = [(e.source, e.target, e.shape) for e in g.edges]
     ids = [n.id for n in g.nodes]
-    assert [(s, t) for s, t, _ in chain] == list(zip(ids, ids[1:]))
+    assert [(s, t) for s, t, _ in chain] == list(itertools.pairwise(ids))
     assert [shape for _, _, shape in chain] == ["[1, 1, 32, 32]", "[1, 6, 30, 30]", "[1, 6, 30, 30]", "[1, 6, 15, 15]",
                                                 "[1, 6, 15, 15]", "[1, 1350]", "[1, 10]"]
     assert g.edges[0].dtype == "float32" and all(e.dtype == "" for e in g.edges[1:])  # the dtype never changes

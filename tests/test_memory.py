@@ -134,7 +134,8 @@ def test_only_what_the_error_alone_holds_is_counted(shell):
     """The input the failed call was given stays in the namespace: releasing would not free it."""
     shell.run("import torch\nbatch = torch.ones(16 * 2**20 // 4)\nnet = torch.nn.Linear(1024, 1024)")
     shell.run("%memory on")
-    _, shown = cell(shell, "def step(x, model):\n    tmp = model(x.view(-1, 1024)) * 2\n    raise ValueError('nan')\nstep(batch, net)")
+    _, shown = cell(shell, "def step(x, model):\n    tmp = model(x.view(-1, 1024)) * 2\n"
+                           "    raise ValueError('nan')\nstep(batch, net)")
     assert "the error keeps 1 tensor (16.0 MB) alive" in shown[0]  # tmp only, not batch nor the weights
     _, shown = cell(shell, "%device cpu batch nothing_here")  # a magic's own error holds nothing
     assert not any("keeps" in line for line in shown)
@@ -215,7 +216,8 @@ def test_line_belongs_to_its_cell_in_a_real_kernel():
     sources = ["%load_ext torchmagic\n%memory on", "import torch\nx = torch.ones(64 * 2**20 // 4)", "y = 1", "%memory"]
     nb.cells = [nbformat.v4.new_code_cell(s) for s in sources]
     root = Path(__file__).resolve().parents[1]  # the kernel imports the checkout's torchmagic
-    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(root)}}).execute()
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
+                            resources={"metadata": {"path": str(root)}}).execute()
     on, alloc, quiet, history = (c.outputs for c in nb.cells)
     assert [o.output_type for o in alloc] == ["display_data"]
     assert "RSS +" in alloc[0].data["text/plain"] and alloc[0].data["text/html"].startswith("<div")

@@ -4,12 +4,11 @@ an offset, grouped matmul (mixture of experts), tied weights, ops that fake tens
 Each through the magics as a user types them, with the model left as it was."""
 import pytest
 import torch
+import zoo
+from snapshot import by_check, diff, snapshot
 from torch import nn
 from torch.nn.modules import module as nn_module
 from torch.nn.parameter import is_lazy
-
-import zoo
-from snapshot import by_check, diff, snapshot
 
 
 def bind(shell, **values):
@@ -24,7 +23,8 @@ def test_summary_of_lazy_layers_says_they_are_uninitialized(shell):
     bind(shell, model=model)
     before = snapshot(model)
     s = shell.run("%summary model")
-    assert s.total == 0 and [r.note for r in s.rows if r.cls == "LazyLinear"] == ["lazy: uninitialized until its first forward"] * 2
+    assert s.total == 0
+    assert [r.note for r in s.rows if r.cls == "LazyLinear"] == ["lazy: uninitialized until its first forward"] * 2
     assert "4 parameter tensors of lazy layers uninitialized, not counted" in shell.text(s)
     shell.html(s)
     assert diff(before, snapshot(model)) == []
@@ -67,7 +67,8 @@ def test_torchscript_modules(shell, how):
     assert t.ok and [(r.cls, r.outputs) for r in t.rows] == [("Sequential", "[4, 2]")]
     assert "its layers run inside compiled code" in shell.text(t) and "TorchScript" in t.why
     with_input = shell.run("%summary model 4,8")
-    assert with_input.rows[0].output == "[4, 2]" and with_input.rows[1].note == "inside TorchScript: no hook sees this call"
+    assert with_input.rows[0].output == "[4, 2]"
+    assert with_input.rows[1].note == "inside TorchScript: no hook sees this call"
     assert "use --mode real" in shell.usage_error("%shapes model 4,8 --mode fake")
     assert diff(before, snapshot(model)) == []
 
@@ -178,7 +179,8 @@ def test_an_op_fake_tensors_cannot_run_is_not_blamed_on_the_model(shell):
     bind(shell, model=CustomOp())
     for mode in ("fake", "meta"):
         f = shell.run(f"%shapes model 2,4 --mode {mode}").failure
-        assert f.explanation == f"model calls torchmagic_tests.double.default, which {mode} tensors cannot run (a real forward runs it)"
+        assert f.explanation == (f"model calls torchmagic_tests.double.default, which {mode} tensors cannot run "
+                                 "(a real forward runs it)")
         assert f.fix == "use --mode real"
     big = shell.run("%shapes model 300000,4")  # auto picks fake for a large input, then falls back
     assert big.ok and big.mode == "real" and "ran a real forward instead" in shell.text(big)
@@ -222,6 +224,6 @@ def test_the_snapshot_sees_a_leftover_with_kwargs_entry():
     handle = nn_module.register_module_forward_hook(lambda *a: None, with_kwargs=True)
     handle.remove()  # torch leaves the with_kwargs entry behind
     try:
-        assert by_check(before, snapshot())["global hooks"] == [f"global_hooks[_global_forward_hooks_with_kwargs]"]
+        assert by_check(before, snapshot())["global hooks"] == ["global_hooks[_global_forward_hooks_with_kwargs]"]
     finally:
         nn_module._global_forward_hooks_with_kwargs.pop(handle.id, None)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from snapshot import diff, snapshot
+
 from torchmagic import plan
 from torchmagic.results import MemoryPlan
 
@@ -105,8 +105,8 @@ def test_llama_7b_on_meta(shell):
     """6.7B parameters in bfloat16 with AdamW: 54 GB of model states before any activation, planned
     on a machine with less memory than that, without allocating any of it."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=32, vocab_size=32000)
+    config = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)
     with torch.device("meta"):
         shell.ns["llama"] = transformers.LlamaForCausalLM(config)
     p = shell.run("%memory plan llama 1,2048 --dtype bfloat16")

@@ -7,10 +7,9 @@ import re
 
 import pytest
 import torch
-from torch import nn
-
 import zoo
 from snapshot import diff, snapshot
+
 from torchmagic import plot, render, tracing
 
 WIDE = '''
@@ -119,7 +118,8 @@ def test_elide_keeps_whole_items_where_it_can():
 def test_fit_cuts_values_before_names():
     assert render.fit([10, 10, 40, 40, 8], 120, [{2, 3}, {0, 1}]) == [10, 10, 40, 40, 8]
     assert render.fit([10, 10, 40, 40, 8], 80, [{2, 3}, {0, 1}]) == [10, 10, 22, 22, 8]
-    assert render.fit([10, 10, 20, 40, 8], 80, [{2, 3}, {0, 1}]) == [10, 10, 20, 24, 8]  # the narrow one keeps its width
+    # the narrow one keeps its width
+    assert render.fit([10, 10, 20, 40, 8], 80, [{2, 3}, {0, 1}]) == [10, 10, 20, 24, 8]
     assert render.fit([30, 30, 40, 40, 8], 80, [{2, 3}, {0, 1}]) == [20, 20, 12, 12, 8]
 
 
@@ -164,7 +164,8 @@ def test_space_separated_shapes_get_a_hint(notes):
 
 def test_freeze_of_an_unknown_submodule_lists_the_ones_that_exist(notes):
     before = snapshot(notes.ns["net"])
-    assert notes.usage_error("%freeze net.conv2") == "net.conv2 is not a submodule of net: give one of net.conv1, net.fc1"
+    assert notes.usage_error("%freeze net.conv2") == ("net.conv2 is not a submodule of net: "
+                                                      "give one of net.conv1, net.fc1")
     assert diff(before, snapshot(notes.ns["net"])) == []
 
 
@@ -179,7 +180,8 @@ def test_trainstep_forward_error_is_explained_then_the_users_frames(notes, capsy
     traceback = shown[shown.index("Traceback"):]
     assert shown.index("why:") < shown.index("Traceback")
     assert "out = net(big)" in traceback and "x = self.fc1(x)" in traceback
-    assert "torch/nn/modules" not in traceback and "torchmagic" not in traceback  # IPython 7.34 shows its own frames too
+    # IPython 7.34 shows its own frames too
+    assert "torch/nn/modules" not in traceback and "torchmagic" not in traceback
     assert diff(before, snapshot(notes.ns["net"])) == []
 
 

@@ -4,7 +4,8 @@ Each pair runs in a fresh shell: the zoo entry's cell defines the model, a snaps
 the magic runs as the user would type it, a second snapshot is compared column by column
 (snapshot.CHECKS), then the model must be garbage-collectable with the result still in Out.
 Magics that exist to change the model (%%trainstep, %freeze, %%shapes running its cell) must
-change it exactly as the same work written by hand does on deep copies. The table is printed at the end of the test session.
+change it exactly as the same work written by hand does on deep copies. The table is printed at the
+end of the test session.
 """
 from __future__ import annotations
 
@@ -16,14 +17,13 @@ import weakref
 import pytest
 import torch
 from IPython.core.error import UsageError
-
 from safety_zoo import MAGICS, PRELUDE, STEP, ZOO, known_gap, matrix_params
 from snapshot import CHECKS, _part, _values, by_check, collectable, diff, snapshot
 
 WEAKREF = "weakref dies"
 OUTCOME = "outcome"  # a result, or the expected refusal as one UsageError line: never another exception
 COLUMNS = [OUTCOME, *CHECKS, WEAKREF]
-# (magic id, model id) -> {check: "ok" | "FAIL: ..." | "n/a: ..."}; read by conftest's terminal summary.
+# (magic id, model id) -> {check: "ok" | "FAIL: ..." | "n/a: ..."}; read by tests/conftest.py's terminal summary.
 RESULTS: dict[tuple[str, str], dict[str, str]] = {}
 WAITING: dict[str, str] = {c.id: c.needs for c in MAGICS if c.needs}
 
@@ -34,7 +34,8 @@ def _by_hand(ns: dict, magic, zoo) -> dict:
     body (its last expression is the loss), backward, optimizer.step()."""
     rng = torch.random.get_rng_state()
     model, opt = copy.deepcopy((ns["model"], ns["opt"]))
-    for original, twin in zip(ns["model"].parameters(), model.parameters()):  # deepcopy leaves .grad behind
+    # deepcopy leaves .grad behind
+    for original, twin in zip(ns["model"].parameters(), model.parameters(), strict=True):
         twin.grad = None if original.grad is None else original.grad.clone()
     local = dict(ns, model=model, opt=opt)
     if magic.hand.startswith(STEP):
@@ -165,8 +166,8 @@ def report() -> list[str]:
                     per_check[k][0] += 1
                     per_check[k][1] += v == "ok"
             gap = next((known_gap(m, z) for m in MAGICS for z in ZOO if (m.id, z.id) == (magic, model)), "")
-            failures += [f"  {magic} x {model}: {k}: {row[k][6:]}" + (f"\n      known, strict xfail: {gap}" if gap else "")
-                         for k in bad]
+            known = f"\n      known, strict xfail: {gap}" if gap else ""
+            failures += [f"  {magic} x {model}: {k}: {row[k][6:]}" + known for k in bad]
             cells.append(f"{ok}/{runs}" if magic not in WAITING else f"({ok}/{runs})")
         lines.append(model.ljust(width) + "".join(c.rjust(8) for c in cells))
     lines += ["  " + "   ".join(f"[{index[m]}] {next(c.cell(ZOO[0]) for c in MAGICS if c.id == m).splitlines()[0]}"
@@ -230,7 +231,8 @@ def _violations():
 def test_each_check_catches_its_violation(shell, column):
     """A magic that broke this promise would be caught by this column, and by no unrelated one."""
     ip = shell.ip
-    shell.run(PRELUDE + next(z.setup for z in ZOO if z.id == "bn_train") + "model(torch.randn(2, 3, 8, 8)).sum().backward()")
+    setup = next(z.setup for z in ZOO if z.id == "bn_train")
+    shell.run(PRELUDE + setup + "model(torch.randn(2, 3, 8, 8)).sum().backward()")
     model, opt = ip.user_ns["model"], ip.user_ns["opt"]
     before = snapshot(model, opt)
     undo = _violations()[column](model, opt)

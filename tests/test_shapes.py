@@ -24,7 +24,8 @@ def test_shape_forms_and_expressions_agree(notes):
     b = notes.run("%shapes net (1, 1, 32, 32)")
     c = notes.run("%shapes net input")
     d = notes.run("%shapes net torch.zeros(1, 1, 32, 32)")
-    assert [r.outputs for r in a.rows] == [r.outputs for r in b.rows] == [r.outputs for r in c.rows] == [r.outputs for r in d.rows]
+    outputs = [[r.outputs for r in t.rows] for t in (a, b, c, d)]
+    assert outputs[0] == outputs[1] == outputs[2] == outputs[3]
 
 
 def test_promises_hold(notes):

@@ -2,10 +2,9 @@
 same in real, fake and meta mode."""
 import pytest
 import torch
-from torch import nn
-
 import zoo
 from snapshot import diff, snapshot
+from torch import nn
 
 MODES = ["real", "fake", "meta"]
 
@@ -59,7 +58,8 @@ def test_conv_channels(shell, mode):
     # the other way round, as in the notes: an RGB image into the grayscale net; the fix may change the input
     f = failure(shell, zoo.Net(), "1,3,32,32", mode)
     assert f.explanation.endswith("with 3 (an RGB image into a grayscale network?)")
-    assert f.fix == "convert the input to one channel, e.g. x.mean(dim=1, keepdim=True), or use nn.Conv2d(3, 6, 3) or nn.LazyConv2d(6, 3)"
+    assert f.fix == ("convert the input to one channel, e.g. x.mean(dim=1, keepdim=True), "
+                     "or use nn.Conv2d(3, 6, 3) or nn.LazyConv2d(6, 3)")
     f = failure(shell, nn.Conv2d(4, 8, 3), "1,2,9,9", mode)
     assert f.fix == "give the input 4 channels, or use nn.Conv2d(2, 8, 3) or nn.LazyConv2d(8, 3)"
 
@@ -72,7 +72,8 @@ def test_conv_channels_last(shell):
 @pytest.mark.parametrize("mode", MODES)
 def test_conv_rank(shell, mode):
     f = failure(shell, nn.Conv2d(1, 4, 3), "28,28", mode)
-    assert f.explanation.startswith("model (Conv2d) expects a 4-d input [batch, channels, height, width] (or 3-d without batch) but received 2-d [28, 28]")
+    assert f.explanation.startswith("model (Conv2d) expects a 4-d input [batch, channels, height, width] "
+                                    "(or 3-d without batch) but received 2-d [28, 28]")
     assert f.fix == "add the missing dims, e.g. x.reshape(1, 1, 28, 28)"
     f1 = failure(shell, nn.Conv1d(2, 4, 3), "1,2,8,8,8", mode)
     assert "expects a 3-d input [batch, channels, length]" in f1.explanation
@@ -123,7 +124,8 @@ def test_embedding_id_out_of_range(shell, mode):
     shell.run("import torch; ids = torch.tensor([[1, 2, 70]])")
     f = failure(shell, zoo.EmbeddingBagOfWords(vocab=50), "ids", mode)
     assert f.module == "emb"
-    assert f.explanation.startswith("emb (Embedding) has num_embeddings=50, so ids must be 0..49, but received an id outside that")
+    assert f.explanation.startswith("emb (Embedding) has num_embeddings=50, so ids must be 0..49, "
+                                    "but received an id outside that")
     assert f.fix == "make num_embeddings your vocabulary size (nn.Embedding(vocab_size, 8)) or check the tokenizer"
     if mode == "real":
         assert "(largest id 70, smallest 1)" in f.explanation

@@ -5,10 +5,9 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
-
 import zoo
 from snapshot import diff, snapshot
+from torch import nn
 
 
 def rows(t):
@@ -126,7 +125,8 @@ def test_llama_7b_on_meta(shell):
     # with their total, and says how to see all.
     assert len(t.rows) > 350 and t.hidden == 0
     text = shell.text(t)
-    assert re.search(r"^  layers\.0–31 +LlamaLayer ×32 +\[1, 2048, 4096\] +\[1, 2048, 4096\] +6\.48 B ", text, re.M), text
+    folded = r"^  layers\.0–31 +LlamaLayer ×32 +\[1, 2048, 4096\] +\[1, 2048, 4096\] +6\.48 B "
+    assert re.search(folded, text, re.M), text
     assert re.search(r"^llama +Llama +.* 6,738,415,616 ", str(t), re.M)  # print(): every count in full
     assert "5 of 388 rows, repeated blocks folded: print() the result shows every row in full" in text
     assert "params: 6,738,415,616 (25.1 GB)" in text

@@ -6,9 +6,9 @@ import signal
 
 import pytest
 import torch
-
-from conftest import requires_cuda
 from snapshot import diff, optimizer_snapshot, snapshot
+from support import requires_cuda
+
 from torchmagic import training
 
 STEP = "%%trainstep net optimizer\nout = net(input)\ncriterion(out, y)\n"
@@ -72,9 +72,20 @@ def test_step_is_the_hand_written_step_bit_for_bit(notes):
     r = notes.run(STEP)
     notes.run("ref_opt.zero_grad()\nloss = criterion(ref(input), y)\nloss.backward()\nref_opt.step()")
     net, ref = notes.ns["net"], notes.ns["ref"]
-    for (n, p), q in zip(net.named_parameters(), ref.parameters()):
+    for (n, p), q in zip(net.named_parameters(), ref.parameters(), strict=True):
         assert torch.equal(p, q) and torch.equal(p.grad, q.grad), n
     assert r.stepped and r.step == 1 and r.loss == notes.ns["loss"].item()
+
+
+def test_a_second_step_counts_on_with_its_own_rate(notes):
+    before = [p.detach().clone() for p in notes.ns["net"].parameters()]
+    r = notes.run("%%trainstep net optimizer\nout = net(input)\ncriterion(out, y)")
+    assert r.stepped and r.step == 1 and r.lrs == [0.01] and r.grad_norm > 0
+    after = list(notes.ns["net"].parameters())
+    assert all(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert "loss" in notes.text(r) and "step 1" in notes.text(r)
+    r2 = notes.run("%%trainstep net optimizer --lr 0.001\nout = net(input)\ncriterion(out, y)")
+    assert r2.step == 2 and r2.lrs == [0.001] and r2.loss < r.loss
 
 
 def test_per_parameter_norms(notes):
@@ -107,7 +118,7 @@ def test_eval_is_the_next_loss_and_leaves_no_trace(shell):
     # two models: compared below by value, not identity (attributes bind each model's own objects)
     skip = {"params", "grads", "buffers", "opt_state", "opt_params", "attributes"}
     assert [k for k in diff(after_eval, after_plain) if k.split("[")[0] not in skip] == []
-    for a, b in zip(shell.ns["net"].state_dict().values(), shell.ns["twin"].state_dict().values()):
+    for a, b in zip(shell.ns["net"].state_dict().values(), shell.ns["twin"].state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert r.loss_after is not None and r.loss_after < r.loss
     shell.run("net.eval()")  # with dropout off, the loss after the step is the next loss on this batch
@@ -125,7 +136,8 @@ def test_lr_options_leave_no_scheduler_residue(notes):
     r = notes.run(STEP.replace("optimizer", "optimizer --lr 0.001"))
     group = notes.ns["optimizer"].param_groups[0]
     assert r.lrs == [0.001] and group["lr"] == 0.001 and "initial_lr" not in group
-    notes.run("optimizer = torch.optim.SGD([{'params': net.conv1.parameters()}, {'params': net.fc1.parameters()}], lr=0.1)")
+    notes.run("optimizer = torch.optim.SGD([{'params': net.conv1.parameters()}, {'params': net.fc1.parameters()}],"
+              " lr=0.1)")
     r = notes.run(STEP.replace("optimizer", "optimizer --lr 0.001,0.01"))
     assert r.lrs == [0.001, 0.01] and [row.lr for row in r.params] == [0.001, 0.001, 0.01, 0.01]
     assert set(notes.ns["optimizer"].param_groups[1]) == set(notes.ns["optimizer"].defaults) | {"params"}
@@ -147,7 +159,7 @@ def test_no_undo_is_the_hand_written_step_with_fewer_statistics(notes):
     before = {n: p.detach().clone() for n, p in notes.ns["net"].named_parameters()}
     r = notes.run(STEP.replace("optimizer", "optimizer --no-undo"))
     notes.run("ref_opt.zero_grad()\nloss = criterion(ref(input), y)\nloss.backward()\nref_opt.step()")
-    for (n, p), q in zip(notes.ns["net"].named_parameters(), notes.ns["ref"].parameters()):
+    for (n, p), q in zip(notes.ns["net"].named_parameters(), notes.ns["ref"].parameters(), strict=True):
         assert torch.equal(p, q) and torch.equal(p.grad, q.grad), n
         assert r.row(n).grad_norm == pytest.approx(p.grad.norm().item(), rel=1e-5)
         assert r.row(n).param_norm == pytest.approx(before[n].norm().item(), rel=1e-5)
@@ -161,7 +173,8 @@ def test_no_undo_is_the_hand_written_step_with_fewer_statistics(notes):
     err = notes.error("%%trainstep net optimizer --no-undo\nout = net(input)\n1 / 0\n")
     assert type(err) is ZeroDivisionError and {k.split("[")[0] for k in diff(before, state(notes))} == {"grads"}
     assert all(p.grad is None for p in notes.ns["net"].parameters())
-    assert "--no-undo" in notes.usage_error("%%trainstep net optimizer --no-undo --sweep 1e-3:1\ncriterion(net(input), y)")
+    message = notes.usage_error("%%trainstep net optimizer --no-undo --sweep 1e-3:1\ncriterion(net(input), y)")
+    assert "--no-undo" in message
 
 
 def test_no_undo_says_when_the_optimizer_failed_part_way(notes):
@@ -201,7 +214,8 @@ def test_bad_loss_is_one_line_and_changes_nothing(notes, last, message):
 
 def test_loss_under_no_grad(notes):
     before = state(notes)
-    msg = notes.usage_error("%%trainstep net optimizer\nwith torch.no_grad():\n    loss = criterion(net(input), y)\nloss\n")
+    msg = notes.usage_error("%%trainstep net optimizer\nwith torch.no_grad():\n"
+                            "    loss = criterion(net(input), y)\nloss\n")
     assert "torch.no_grad()" in msg and diff(before, state(notes)) == []
 
 
@@ -239,6 +253,23 @@ def test_error_in_body_restores_batchnorm_and_shows_user_frames(shell, capsys):
     assert "bad = 1 / 0" in shown and "training.py" not in shown and "magics.py" not in shown
 
 
+def test_error_in_body_cuts_the_step_machinery_from_the_traceback(notes):
+    notes.run("bn = nn.BatchNorm1d(10)\nnet.bn = bn\nnet.train()")
+    before = snapshot(notes.ns["net"])
+    err = notes.error("%%trainstep net optimizer\nout = net.bn(net(torch.randn(4, 1, 32, 32)))\n1 / 0")
+    assert isinstance(err, ZeroDivisionError)
+    assert diff(before, snapshot(notes.ns["net"])) == []  # BatchNorm running stats restored
+    frames = []
+    tb = err.__traceback__
+    while tb:
+        frames.append((tb.tb_frame.f_code.co_filename, tb.tb_frame.f_code.co_name))
+        tb = tb.tb_next
+    # the frames between the magic's raise and the user's cell body (the step machinery) are cut
+    body = max(i for i, (f, _) in enumerate(frames) if "torchmagic" in f) + 1
+    assert frames[body][0].startswith("<ipython-input")
+    assert not any(f.endswith("training.py") or name == "_run_body" for f, name in frames)
+
+
 def test_error_in_backward_changes_nothing(notes):
     adam(notes)
     before = state(notes)
@@ -268,9 +299,11 @@ def test_first_step_failing_leaves_no_optimizer_state(notes):
 def test_interrupt_in_body_or_backward(notes):
     adam(notes)
     before = state(notes)
-    assert type(notes.error("%%trainstep net optimizer\nout = net(input)\nraise KeyboardInterrupt\nout.sum()\n")) is KeyboardInterrupt
+    err = notes.error("%%trainstep net optimizer\nout = net(input)\nraise KeyboardInterrupt\nout.sum()\n")
+    assert type(err) is KeyboardInterrupt
     assert diff(before, state(notes)) == []
-    code = "%%trainstep net optimizer\nout = net(input)\nout.register_hook(lambda g: (_ for _ in ()).throw(KeyboardInterrupt))\ncriterion(out, y)\n"
+    code = ("%%trainstep net optimizer\nout = net(input)\n"
+            "out.register_hook(lambda g: (_ for _ in ()).throw(KeyboardInterrupt))\ncriterion(out, y)\n")
     assert type(notes.error(code)) is KeyboardInterrupt
     assert diff(before, state(notes)) == []
 
@@ -291,7 +324,7 @@ def test_cell_that_steps_itself_is_not_stepped_twice(notes):
     notes.run("ref_opt.zero_grad()\ncriterion(ref(input), y).backward()\nref_opt.step()")
     assert any("called optimizer.step() itself (1x): %%trainstep did not step again" in n for n in r.notes)
     assert any("computed the gradients itself" in n for n in r.notes)
-    for p, q in zip(notes.ns["net"].parameters(), notes.ns["ref"].parameters()):
+    for p, q in zip(notes.ns["net"].parameters(), notes.ns["ref"].parameters(), strict=True):
         assert torch.equal(p, q)
     assert r.update_norm > 0  # the cell's own step is measured
 
@@ -299,7 +332,8 @@ def test_cell_that_steps_itself_is_not_stepped_twice(notes):
 def test_cell_that_steps_and_then_fails_is_rolled_back(notes):
     adam(notes)
     before = state(notes)
-    notes.error("%%trainstep net optimizer\nloss = criterion(net(input), y)\nloss.backward()\noptimizer.step()\n1 / 0\n")
+    notes.error("%%trainstep net optimizer\nloss = criterion(net(input), y)\nloss.backward()\n"
+                "optimizer.step()\n1 / 0\n")
     assert diff(before, state(notes)) == []
 
 
@@ -310,7 +344,8 @@ def test_usage_errors(notes):
     assert "LO must be below HI" in notes.usage_error(STEP.replace("optimizer", "optimizer --sweep 1:1e-3"))
     assert "positive learning rates" in notes.usage_error(STEP.replace("optimizer", "optimizer --sweep 1e-3"))
     assert "takes no --lr" in notes.usage_error(STEP.replace("optimizer", "optimizer --sweep 1e-3:1 --lr 0.1"))
-    assert "last line must be the loss" in notes.usage_error("%%trainstep net optimizer\nloss = criterion(net(input), y)\n")
+    message = notes.usage_error("%%trainstep net optimizer\nloss = criterion(net(input), y)\n")
+    assert "last line must be the loss" in message
 
 
 # ---------------------------------------------------------------- the sweep

@@ -4,10 +4,10 @@ import os
 
 import pytest
 import torch
-
-from conftest import NET_SOURCE, start_inprocess_kernel
 from snapshot import diff, optimizer_snapshot, snapshot
+from support import NET_SOURCE, start_inprocess_kernel
 from test_trainstep import BN_NET
+
 from torchmagic.results import StepResult, SweepResult, UndoResult
 from torchmagic.ui import TrainStepPanel
 
@@ -62,7 +62,8 @@ def test_step_uses_the_sliders_rate(kernel):
     w = kernel.ns["net"].fc1.weight.detach().clone()
     panel.slider.value = 1e-3
     panel.click()
-    assert kernel.ns["optimizer"].param_groups[0]["lr"] == 1e-3 and "initial_lr" not in kernel.ns["optimizer"].param_groups[0]
+    group = kernel.ns["optimizer"].param_groups[0]
+    assert group["lr"] == 1e-3 and "initial_lr" not in group
     assert panel.result.step == 2 and panel.result.lrs == [1e-3] and panel.error == ""
     assert not torch.equal(w, kernel.ns["net"].fc1.weight)
     assert panel.plot.value.count("<circle") == 2 * 2  # loss and lr, two steps
@@ -99,7 +100,8 @@ def test_try_previews_and_changes_nothing(kernel):
     panel.slider.value = 1e-3
     panel.try_button.click()
     r = panel.result
-    assert r.preview and r.loss_after < r.loss and "preview" in kernel.ip.display_formatter.format(panel)[0]["text/plain"]
+    assert r.preview and r.loss_after < r.loss
+    assert "preview" in kernel.ip.display_formatter.format(panel)[0]["text/plain"]
     assert diff(before, kernel.state()) == []
     panel.undo_button.click()  # the undo point of the first step is still good after a preview
     assert isinstance(panel.result, UndoResult) and panel.error == ""
@@ -184,7 +186,8 @@ criterion(out, y)
 
 
 def test_a_click_while_busy_does_nothing(kernel):
-    kernel.run("panels, seen = [], []\n_steps = []\n_hook = optimizer.register_step_post_hook(lambda *a: _steps.append(1))")
+    kernel.run("panels, seen = [], []\n_steps = []\n"
+               "_hook = optimizer.register_step_post_hook(lambda *a: _steps.append(1))")
     panel = kernel.run(CLICKING)
     assert kernel.ns["_steps"] == [1]
     kernel.ns["panels"].append(panel)
@@ -200,7 +203,8 @@ def test_panels_of_one_optimizer_agree(kernel):
     first = kernel.run(CELL)
     second = kernel.run(CELL)
     assert (first.result.step, second.result.step) == (1, 2)  # the optimizer's steps, not each panel's
-    assert "out of date: this optimizer is at step 2 now" in first.status.value and "out of date" not in second.status.value
+    assert "out of date: this optimizer is at step 2 now" in first.status.value
+    assert "out of date" not in second.status.value
     first.slider.value = 3e-3
     first.click()
     assert first.result.step == 3 and "out of date" not in first.status.value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ class Net(nn.Module):
 
 def mlp(sizes=(20, 64, 32, 5)) -> nn.Module:
     layers = []
-    for a, b in zip(sizes[:-1], sizes[1:]):
+    for a, b in itertools.pairwise(sizes):
         layers += [nn.Linear(a, b), nn.ReLU()]
     return nn.Sequential(*layers[:-1])
 

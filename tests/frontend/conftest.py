@@ -8,7 +8,6 @@ import shutil
 import sys
 
 import pytest
-
 from frontend_support import EXAMPLES, ROOT, Kernel, need_module
 
 

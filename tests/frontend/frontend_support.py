@@ -113,7 +113,8 @@ class Kernel:
             try:
                 msg = self.client.get_iopub_msg(timeout=max(0.1, deadline - time.monotonic()))
             except queue.Empty:
-                raise KernelError(f"no idle status within {self.timeout}s; got {[m['msg_type'] for m in messages]}")
+                got = [m["msg_type"] for m in messages]
+                raise KernelError(f"no idle status within {self.timeout}s; got {got}") from None
             if msg["msg_type"] == "comm_open" and msg["content"].get("target_name") == "jupyter.widget":
                 self.widgets[msg["content"]["comm_id"]] = msg["content"]["data"]["state"]
             if msg["parent_header"].get("msg_id") != msg_id:
@@ -159,7 +160,8 @@ class Kernel:
         found = [cid for cid, s in self.widgets.items()
                  if s.get("_model_name") == model and matches(str(s.get("description", "")))]
         if not found:
-            raise KernelError(f"no {model} {description!r} among {[s.get('_model_name') for s in self.widgets.values()]}")
+            models = [s.get("_model_name") for s in self.widgets.values()]
+            raise KernelError(f"no {model} {description!r} among {models}")
         return found[-1]
 
     def comm(self, comm_id: str, data: dict) -> Reply:
@@ -225,7 +227,8 @@ class Terminal:
     def wait_exit(self, timeout: float = 30) -> None:
         """Wait until the program has ended (its tmux session closes with it)."""
         deadline = time.monotonic() + timeout
-        while subprocess.run(["tmux", "-L", self.socket, "has-session", "-t", "t"], capture_output=True).returncode == 0:
+        has_session = ["tmux", "-L", self.socket, "has-session", "-t", "t"]
+        while subprocess.run(has_session, capture_output=True).returncode == 0:
             if time.monotonic() > deadline:
                 raise AssertionError(f"the program did not exit within {timeout}s:\n{self.screen()}")
             time.sleep(0.2)

@@ -22,7 +22,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from frontend_support import ARTIFACTS, BIN, DOCS_IMAGES, NOTEBOOK, Kernel, need
 
 CHROMIUM = Path(os.environ.get("TORCHMAGIC_CHROMIUM", "/usr/bin/chromium"))
@@ -95,7 +94,8 @@ class Server:
                 return
             except OSError:
                 if time.monotonic() > deadline:
-                    raise AssertionError(f"jupyter lab did not answer within {timeout}s:\n{self.log.read_text()}")
+                    log = self.log.read_text()
+                    raise AssertionError(f"jupyter lab did not answer within {timeout}s:\n{log}") from None
                 time.sleep(0.3)
 
     def idle_session(self, path: str, timeout: float = 120) -> dict:
@@ -123,7 +123,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, jupyter_home):
-    need(shutil.which(str(BIN / "jupyter-lab")) is not None, "jupyter lab is not installed: make frontend-browser installs it")
+    need(shutil.which(str(BIN / "jupyter-lab")) is not None,
+         "jupyter lab is not installed: make frontend-browser installs it")
     root = tmp_path_factory.mktemp("lab-root")
     for front_end in ("lab", "notebook"):  # a copy each: two sessions, and the repository's file untouched
         (root / front_end).mkdir()
@@ -280,7 +281,8 @@ def readme_screenshot(page, content, name: str):
 
 def test_jupyterlab(page, server):
     set_theme(server, "JupyterLab Light")
-    shapes, failed, widget = run_the_example(page, server, f"/lab/tree/lab/{NOTEBOOK.name}", f"lab/{NOTEBOOK.name}", "jupyterlab")
+    shapes, failed, widget = run_the_example(page, server, f"/lab/tree/lab/{NOTEBOOK.name}", f"lab/{NOTEBOOK.name}",
+                                             "jupyterlab")
     readme_screenshot(page, shapes, "shapes-jupyterlab.png")
     readme_screenshot(page, failed, "shapes-failure-jupyterlab.png")
     readme_screenshot(page, widget, "trainstep-jupyterlab.png")
@@ -329,7 +331,8 @@ def check_contrast(output, cell: str = "td"):
     text, 3 for the bold text of a failing row)."""
     ratio = output.evaluate("""(el, cell) => {
         const rgb = (c) => c.match(/[\\d.]+/g).slice(0, 3).map(Number);
-        const lum = ([r, g, b]) => [r, g, b].map(v => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; })
+        const lum = ([r, g, b]) => [r, g, b]
+            .map(v => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; })
                                    .reduce((s, v, i) => s + v * [0.2126, 0.7152, 0.0722][i], 0);
         const td = el.querySelector(cell);
         let bg = td, color = getComputedStyle(td).color;

@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from frontend_support import ARTIFACTS, BIN, DOCS_IMAGES, ROOT, need, need_module
 from test_browser import TIMEOUT_MS, UPDATE_SCREENSHOTS, Server, browser, menu, set_theme  # noqa: F401  (browser: a fixture)
 
@@ -40,12 +39,14 @@ CELLS = [
     ("resnet", "%shapes cnn 2,3,64,64 --graph", "downsample"),
     ("transformer", "%shapes block 1,8,64 --graph", "scaled_dot_product_attention"),
 ]
-README = {("failure", "light"): "graph-failure-jupyterlab.png", ("transformer", "dark"): "graph-transformer-jupyterlab-dark.png"}
+README = {("failure", "light"): "graph-failure-jupyterlab.png",
+          ("transformer", "dark"): "graph-transformer-jupyterlab-dark.png"}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, jupyter_home):
-    need(shutil.which(str(BIN / "jupyter-lab")) is not None, "jupyter lab is not installed: make frontend-browser installs it")
+    need(shutil.which(str(BIN / "jupyter-lab")) is not None,
+         "jupyter lab is not installed: make frontend-browser installs it")
     from torchmagic.graph import find_dot
 
     need(find_dot() is not None, "Graphviz's dot is not installed (apt-get install graphviz)")
@@ -111,7 +112,8 @@ def contrast(output, selector: str) -> float:
     """WCAG contrast of an SVG element's fill against the page's background behind it."""
     return output.evaluate("""(el, selector) => {
         const rgb = (c) => c.match(/[\\d.]+/g).slice(0, 3).map(Number);
-        const lum = ([r, g, b]) => [r, g, b].map(v => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; })
+        const lum = ([r, g, b]) => [r, g, b]
+            .map(v => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; })
                                    .reduce((s, v, i) => s + v * [0.2126, 0.7152, 0.0722][i], 0);
         const text = el.querySelector(selector);
         let bg = el;

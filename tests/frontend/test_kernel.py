@@ -7,7 +7,6 @@ import json
 import re
 
 import pytest
-
 from frontend_support import NOTEBOOK, WIDGET_STATE, WIDGET_VIEW, need_module
 
 
@@ -35,7 +34,8 @@ def executed(tmp_path_factory, jupyter_home):
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
     path = tmp_path_factory.mktemp("nbclient")
-    nbclient.NotebookClient(nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(path)}}).execute()
+    nbclient.NotebookClient(nb, timeout=180, kernel_name="python3",
+                            resources={"metadata": {"path": str(path)}}).execute()
     nbformat.write(nb, path / NOTEBOOK.name)  # a readable copy when a test fails
     return nb
 
@@ -132,7 +132,8 @@ def test_slider_and_step_button_driven_over_the_protocol(kernel):
 
     # The user drags the slider to 1e-3: the browser sends the new value.
     kernel.set_widget(slider, value=0.001)
-    assert kernel.value("optimizer.param_groups[0]['lr']") == pytest.approx(0.01), "moving the slider alone must not step"
+    lr = kernel.value("optimizer.param_groups[0]['lr']")
+    assert lr == pytest.approx(0.01), "moving the slider alone must not step"
     assert kernel.value("len(_steps)") == 0
 
     # The user clicks Step: one optimizer step at the slider's rate, its result shown in the widget.

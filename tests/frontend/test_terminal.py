@@ -10,7 +10,6 @@ import re
 import subprocess
 
 import pytest
-
 from frontend_support import ARTIFACTS, BIN, EXAMPLES, NOTEBOOK, Terminal, need
 
 IPYTHON = BIN / "ipython"

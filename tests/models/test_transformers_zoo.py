@@ -15,9 +15,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from snapshot import diff, snapshot, young_heap_only  # noqa: E402,F401  (an autouse fixture)
-from torchmagic.parsing import format_shape  # noqa: E402
-from transformers_zoo import architectures, build, token_ids  # noqa: E402
+from snapshot import diff, snapshot, young_heap_only  # noqa: F401  (an autouse fixture)
+from transformers_zoo import architectures, build, token_ids
+
+from torchmagic.parsing import format_shape
 
 CHECKS = ("shapes", "fake", "summary", "unchanged", "trainstep")
 # arch -> "no forward: why" or {check: "" (passed) or what went wrong}; read by report().
@@ -74,7 +75,7 @@ def _trainstep(shell, model) -> str:
     after = [p.detach() for p in model.parameters() if p.requires_grad]
     if not math.isfinite(result.loss):
         return f"loss {result.loss}"
-    return "" if any(not torch.equal(a, b) for a, b in zip(before, after)) else "no parameter changed"
+    return "" if any(not torch.equal(a, b) for a, b in zip(before, after, strict=True)) else "no parameter changed"
 
 
 @pytest.mark.parametrize("arch", sorted(architectures()))
@@ -86,7 +87,8 @@ def test_architecture(shell, arch):
             logits = format_shape(model(ids).logits.shape)
             model(ids, labels=ids).loss.item()
     except Exception as e:
-        RESULTS[arch] = f"no forward: {type(e).__name__}: {str(e).strip().splitlines()[0][:100] if str(e).strip() else ''}"
+        first_line = str(e).strip().splitlines()[0][:100] if str(e).strip() else ""
+        RESULTS[arch] = f"no forward: {type(e).__name__}: {first_line}"
         pytest.skip(RESULTS[arch])
     shell.ns.update(m=model, ids=ids, opt=torch.optim.SGD(model.parameters(), lr=1e-3))
     before = snapshot(model)

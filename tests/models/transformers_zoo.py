@@ -7,7 +7,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
 # Passed to each config's constructor where the config has the field (or an alias of it), so that it
 # derives the rest (head_dim from hidden_size and heads, ...) itself.
