@@ -39,7 +39,7 @@ class ParamBackup:
         pool = recycle.pool() if recycle is not None else {}
         state = optimizer.state
         self.params = params
-        self.state = []
+        self.state: list[tuple[torch.Tensor, dict | None, dict]] = []
         sources = list(params)  # the tensors themselves: the pool knows them by identity
         for p in params:
             if p not in state:  # `in` does not create the defaultdict's entry
@@ -111,7 +111,7 @@ class Parts:
         seen = {id(p) for p in self.params}
         self.grad_params = self.params + [p for p in optimizer_params(optimizer) if id(p) not in seen]
         self.modules = [weakref.ref(m) for m in model.modules()]
-        self.buffer_slots = [(ref, name) for ref in self.modules for name in torchapi.buffer_slots(ref())]
+        self.buffer_slots = [(weakref.ref(m), name) for m in model.modules() for name in torchapi.buffer_slots(m)]
 
 
 class Buffers:
@@ -119,6 +119,7 @@ class Buffers:
 
     def __init__(self, model: nn.Module | None = None, slots: list | None = None):
         if slots is None:
+            assert model is not None, "Buffers takes a model or its slots"
             slots = [(weakref.ref(m), name) for m in model.modules() for name in torchapi.buffer_slots(m)]
         self.saved = []
         if not slots:

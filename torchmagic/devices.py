@@ -234,7 +234,8 @@ def move_objects(namespace: dict, names: list[str], device: torch.device) -> tup
     undo = _Undo()
     current = ""
     try:
-        bindings, moved = {}, []
+        bindings: dict[str, object] = {}
+        moved: list[tuple[str, str]] = []
         # Models and parameters first, then the optimizers that hold them, then tensors (copies).
         for n in names:
             current, value = n, namespace[n]

@@ -217,7 +217,7 @@ def _tensors_in(value):
 
 def _namespace_storages(namespace: dict) -> set:
     """Storages the namespace keeps alive anyway: its tensors, and its models' and optimizers'."""
-    keys = set()
+    keys: set = set()
     for value in list(namespace.values()):
         if isinstance(value, nn.Module):
             tensors = [*value.parameters(), *value.buffers(),
@@ -401,6 +401,6 @@ class CellReporter:
     def release(self) -> MemoryRelease:
         last = getattr(self.shell, "last_execution_result", None)
         tb_printer = getattr(self.shell, "InteractiveTB", None)
-        if getattr(tb_printer, "tb", None) is not None:
+        if tb_printer is not None and getattr(tb_printer, "tb", None) is not None:
             del tb_printer.tb  # IPython's traceback printer keeps the last traceback for %debug
         return release([getattr(last, "error_in_exec", None)])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Sequence
 from typing import Callable
 
 # Lines keep a contrast of at least 4.2 on white and on a dark theme's #111 (WCAG asks 3 of lines);
@@ -12,8 +13,8 @@ COLORS = ["#1c7ed6", "#d9480f", "#2b8a3e"]
 _CHAR = 6.2  # width of a character of the 10 px sans-serif labels, for the margins
 
 
-def _scale(values: list[float], log: bool) -> list[float | None]:
-    out = []
+def _scale(values: Sequence[float | None], log: bool) -> list[float | None]:
+    out: list[float | None] = []
     for v in values:
         if v is None or not math.isfinite(v) or (log and v <= 0):
             out.append(None)
@@ -32,7 +33,8 @@ def _number(v: float) -> str:
     return f"{v:.3g}"
 
 
-def line_svg(series: list[tuple[list[float], list[float], str]], *, log_x: bool = False, log_y: bool | None = None,
+def line_svg(series: Sequence[tuple[Sequence[float], Sequence[float], str]], *, log_x: bool = False,
+             log_y: bool | None = None,
              x_label: str = "", y_label: str = "", hline: tuple[float, str] | None = None,
              vline: float | None = None, width: int = 420, height: int = 170,
              y_format: Callable[[float], str] = _number, x_format: Callable[[float], str] = _number) -> str:

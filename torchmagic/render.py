@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
+from typing import Any
 
 # Colours and fonts come from the front end's theme (JupyterLab/Notebook 7 variables, then VS Code's),
 # so the tables read well in light and dark themes. Table rules name the class twice: that outweighs
@@ -185,7 +186,7 @@ class TreeRow:
     full: list[str]
     css: str = ""
     key: object = None  # two blocks are identical when their rows' keys are
-    source: object = None  # what the row was made from (to merge folded blocks)
+    source: Any = None  # what the row was made from (to merge folded blocks)
 
 
 def labels(names: list[str], depths: list[int]) -> list[str]:

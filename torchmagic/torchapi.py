@@ -83,4 +83,4 @@ def set_opt_called(optimizer: torch.optim.Optimizer, value, missing) -> None:
     if value is missing:
         optimizer.__dict__.pop("_opt_called", None)
     else:
-        optimizer._opt_called = value
+        optimizer._opt_called = value  # type: ignore[attr-defined]

@@ -127,6 +127,7 @@ class StepSession:
             ledger.count = result.step
             ledger.history.append((result.step, result.loss, result.lrs[0]))
             ck = outcome.checkpoint
+            assert ck is not None  # a step that was taken has its undo point
             backup = ck.backup
             ledger.undo = ck if self.keep_undo and self.copies else None
             ledger.no_undo = "" if ledger.undo is not None else \
@@ -221,6 +222,7 @@ class StepSession:
                                                          f"which keeps no copies: Undo goes back over a run's first "
                                                          f"or last step")
             ledger.changed()
+        assert result is not None  # n >= 1: the loop ran, and its every way out set it
         if len(losses) > 1:
             result.notes.insert(0, f"{len(losses)} steps: loss {losses[0]:.4g} -> {losses[-1]:.4g} (before each step)")
         return result
@@ -244,6 +246,7 @@ class StepSession:
         if blocked:
             raise TorchMagicError(f"{blocked}; nothing was restored")
         ck = ledger.undo
+        assert ck is not None  # undo_blocked() said there is one
         with interrupts_deferred():
             ck.restore()
             undone = ledger.count

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -53,13 +53,13 @@ def check_loss(loss) -> torch.Tensor:
     raise TorchMagicError(f"the cell's last expression is a {type(loss).__name__}, not a loss tensor; {end}")
 
 
-def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+def _norms(tensors: Sequence) -> list:
     """One 0-d norm per tensor with foreach kernels; half precision is reduced in float32."""
     if not tensors:
         return []
     low = [i for i, t in enumerate(tensors) if t.dtype in (torch.float16, torch.bfloat16)]
     if not low:
-        return list(torchapi.foreach_norm(tensors, 2))
+        return list(torchapi.foreach_norm(list(tensors), 2))
     out: list[torch.Tensor | None] = [None] * len(tensors)
     rest = [i for i, t in enumerate(tensors) if t.dtype not in (torch.float16, torch.bfloat16)]
     for idx, kw in ((low, {"dtype": torch.float32}), (rest, {})):

@@ -114,9 +114,10 @@ class TrainStepPanel:
         self._shown = session.ledger.version  # the ledger's version that the shown result belongs to
         self.sweep = result if isinstance(result, SweepResult) else None  # shown above the history, kept
         if self.sweep is not None:
-            if result.suggestion:
-                self.set_rates([result.suggestion * lr / lrs[0] if lrs[0] else result.suggestion for lr in lrs])
-            self._show(result, self.pinned)
+            suggestion = self.sweep.suggestion
+            if suggestion:
+                self.set_rates([suggestion * lr / lrs[0] if lrs[0] else suggestion for lr in lrs])
+            self._show(self.sweep, self.pinned)
         else:
             self._show(result)
         self._refresh()

@@ -91,7 +91,7 @@ def users_own(error: BaseException, filename: str) -> BaseException:
     return error.with_traceback(_user_frames(error.__traceback__, filename))
 
 
-_NOT_USERS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, sys.modules[__package__]))
+_NOT_USERS = tuple(os.path.dirname(str(m.__file__)) + os.sep for m in (torch, sys.modules[__package__]))
 
 
 def _user_frames(tb, filename):

@@ -3,6 +3,7 @@ table of %shapes and %summary, and small formatting helpers."""
 from __future__ import annotations
 
 import html
+from collections.abc import Set as AbstractSet
 
 from .. import render
 
@@ -10,8 +11,7 @@ from .. import render
 class Result:
     """Text in the terminal (`_repr_pretty_`, `repr`), HTML in Jupyter (`_repr_html_`)."""
 
-    def to_text(self, short: bool = False) -> str:
-        """short: what fits the terminal, where a result has a long form (print() shows that one)."""
+    def to_text(self) -> str:
         raise NotImplementedError
 
     def _repr_html_(self) -> str:
@@ -46,9 +46,22 @@ class ModuleTable(Result):
     long table identical blocks folded into one row with their total. `str()`/`print()` shows
     every row with every full name and value."""
 
-    columns: list[str]
-    numeric: set[int]
-    squeeze: list[set[int]]  # columns whose long values are elided to fit: values first, then names
+    @property
+    def columns(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def numeric(self) -> AbstractSet[int]:
+        raise NotImplementedError
+
+    @property
+    def squeeze(self) -> render.Squeeze:
+        """The columns whose long values are elided to fit: values first, then names."""
+        raise NotImplementedError
+
+    def to_text(self, short: bool = False) -> str:  # type: ignore[override]  # a long and a short form
+        """short: what fits the terminal (print() shows every row in full)."""
+        raise NotImplementedError
 
     def _tree(self) -> list[render.TreeRow]:
         raise NotImplementedError

@@ -60,8 +60,9 @@ class CellMemory(Result):
         parts = []
         if self.dev_after is not None:
             peak = f", peak {render.nbytes(self.dev_peak)}" if self.dev_peak is not None else ", no peak kept on MPS"
-            parts.append(f"{self.device} {_signed(self.dev_change)} ({render.nbytes(self.dev_after)} allocated{peak})")
-        if self.rss_change is not None:
+            change = self.dev_after - (self.dev_before or 0)
+            parts.append(f"{self.device} {_signed(change)} ({render.nbytes(self.dev_after)} allocated{peak})")
+        if self.rss_change is not None and self.rss_after is not None:
             if self.rss_peak is None:
                 peak = ""
             elif self.rss_peak_kind == "cell":
@@ -169,7 +170,7 @@ class MemoryRelease(Result):
             head = "no error's frames held tensors; garbage collected"
         lines = []
         if self.dev_after is not None:
-            lines.append(f"{self.device} allocated: {render.nbytes(self.dev_before)} -> "
+            lines.append(f"{self.device} allocated: {render.nbytes(self.dev_before or 0)} -> "
                          f"{render.nbytes(self.dev_after)}")
         if self.rss_after is not None and self.rss_before is not None:
             lines.append(f"RSS: {render.nbytes(self.rss_before)} -> {render.nbytes(self.rss_after)}")

@@ -85,10 +85,11 @@ class MemoryPlan(Result):
         if self.budget is not None:
             source = f" ({self.budget_source})" if self.budget_source else ""
             if self.fits:
-                line += f"; budget {render.nbytes(self.budget)}{source}: fits, {render.nbytes(self.headroom)} to spare"
+                line += (f"; budget {render.nbytes(self.budget)}{source}: fits, "
+                         f"{render.nbytes(self.budget - self.peak)} to spare")
             else:
                 line += (f"; budget {render.nbytes(self.budget)}{source}: does not fit, "
-                         f"{render.nbytes(-self.headroom)} over")
+                         f"{render.nbytes(self.peak - self.budget)} over")
         if self.largest_batch is not None:
             line += (f"; largest batch that fits: {self.largest_batch:,}" if self.largest_batch
                      else "; not even batch 1 fits")

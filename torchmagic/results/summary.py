@@ -77,10 +77,10 @@ class ParamSummary(ModuleTable):
     def squeeze(self) -> list[set[int]]:
         return [{i for i, c in enumerate(self.columns) if c in ("output", "note")}, {0, 1}]
 
-    def _cells(self, r: ParamRow, total: tuple[int, str], full: bool, cls: str = "",
+    def _cells(self, r: ParamRow, counted: tuple[int, str], full: bool, cls: str = "",
                flops: int | None = None) -> list[str]:
         flops = r.flops if flops is None else flops
-        total, trainable = total
+        total, trainable = counted
         cells = [cls or r.cls] + ([r.output] if "output" in self.columns else [])
         cells.append((render.count(total) if full else render.short_count(total)) if total else "")
         if self.flops is not None:
