@@ -95,7 +95,7 @@ def main():
         repeat = opts.repeat if name not in ("resnet50", "gpt2") else max(3, opts.repeat // 2)
         times = median_times([fn for _, fn in rows], repeat)
         results = [(label, t, peak_bytes(fn) if device != "meta" else 0) for (label, fn), t in zip(rows, times,
-                                                                                                   strict=False)]
+                                                                                                   strict=True)]
         base = results[0][1]
         info = next((t for label, t, _ in results if label == "torchinfo.summary"), None)
         chosen = ip.run_line_magic("shapes", f"model {dims}").mode

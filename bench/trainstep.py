@@ -101,7 +101,7 @@ def interleaved(a, b, reps, warmup=1):
 
 def _ratio(ta, tb, i) -> tuple[float, float, float]:
     """The median of the per-pair ratios and their 25th and 75th percentiles."""
-    ratios = sorted(b[i] / a[i] for a, b in zip(ta, tb, strict=False))
+    ratios = sorted(b[i] / a[i] for a, b in zip(ta, tb, strict=True))
     q1, q3 = (statistics.quantiles(ratios, n=4)[0::2] if len(ratios) > 1 else (ratios[0], ratios[0]))
     return statistics.median(ratios), q1, q3
 
@@ -181,7 +181,7 @@ def main():
                     torch._foreach_copy_(buffers, sources)
                     torch._foreach_norm([p.grad for p in params])
                     opt.step()
-                    for p, b in zip(params, buffers, strict=False):
+                    for p, b in zip(params, buffers, strict=True):
                         torch.linalg.vector_norm(p - b), torch.linalg.vector_norm(b)
                 del held
 

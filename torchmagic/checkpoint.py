@@ -58,7 +58,7 @@ class ParamBackup:
 
     def pool(self) -> dict[int, torch.Tensor]:
         """The copies, by the identity of what they copy."""
-        out = {id(p): v for p, v in zip(self.params, self.values, strict=False)}
+        out = {id(p): v for p, v in zip(self.params, self.values, strict=True)}
         for tensors, _ in self.saved:
             out.update({id(original): value for original, value in tensors.values()})
         return out
@@ -68,7 +68,7 @@ class ParamBackup:
             if self.params:
                 torchapi.foreach_copy_([p.detach() for p in self.params], self.values)
             state = self.state_dict
-            for (p, entries, _), (tensors, plain) in zip(self.state, self.saved, strict=False):
+            for (p, entries, _), (tensors, plain) in zip(self.state, self.saved, strict=True):
                 if entries is None:
                     state.pop(p, None)
                     continue
@@ -115,7 +115,10 @@ class Parts:
 
 
 class Buffers:
-    """Each buffer's slot and a copy of its values."""
+    """Each buffer's slot and a copy of its values. Not guard.BufferState, which keeps what %shapes
+    and %summary must leave alone: an undo point outlives its cell, so it holds the modules weakly
+    (a deleted model is not kept alive), takes the slots a --steps run listed once (`Parts`), and
+    writes every copy back without comparing first (a step changes the statistics anyway)."""
 
     def __init__(self, model: nn.Module | None = None, slots: list | None = None):
         if slots is None:
@@ -217,5 +220,5 @@ def set_lrs(optimizer: torch.optim.Optimizer, lrs: list[float] | None):
     if len(lrs) != len(optimizer.param_groups):
         raise TorchMagicError(f"{len(lrs)} learning rates for {len(optimizer.param_groups)} param groups: "
                               f"give one (for every group) or one per group, e.g. --lr 0.001,0.01")
-    for g, lr in zip(optimizer.param_groups, lrs, strict=False):
+    for g, lr in zip(optimizer.param_groups, lrs, strict=True):
         _set_setting(g, "lr", float(lr))

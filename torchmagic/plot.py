@@ -76,7 +76,7 @@ def line_svg(series: Sequence[tuple[Sequence[float], Sequence[float], str]], *, 
            f'style="font:10px sans-serif;color:inherit;overflow:visible">',
            f'<rect x="{left}" y="{top}" width="{width - left - right}" height="{height - top - bottom}" '
            f'fill="none" stroke="currentColor" stroke-opacity="0.45"/>']
-    for y, text in zip(y_ticks, y_texts, strict=False):
+    for y, text in zip(y_ticks, y_texts, strict=True):
         out.append(f'<text x="{left - 5}" y="{py(y) + 3:.1f}" text-anchor="end" '
                    f'fill="currentColor">{html.escape(text)}</text>')
         out.append(f'<line x1="{left - 3}" x2="{left}" y1="{py(y):.1f}" y2="{py(y):.1f}" stroke="currentColor"/>')

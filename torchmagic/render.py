@@ -193,7 +193,7 @@ def labels(names: list[str], depths: list[int]) -> list[str]:
     """Each name relative to its parent's (the nearest row above it, one level up)."""
     out: list[str] = []
     parents: dict[int, str] = {}
-    for name, depth in zip(names, depths, strict=False):
+    for name, depth in zip(names, depths, strict=True):
         parent = parents.get(depth - 1, "")
         out.append(name[len(parent) + 1:] if parent and name.startswith(parent + ".") else name)
         parents[depth] = name
@@ -256,7 +256,7 @@ def fold(rows: list[list[str]], classes: list[str], limit: int = LONG_TABLE) -> 
     """fold_depth for plain cells whose first cell is indented two spaces a level: the indices of the
     rows kept and their depth; None when no depth is worth folding to."""
     tree = [TreeRow(name="", label="", depth=(len(r[0]) - len(r[0].lstrip(" "))) // 2 if r else 0, cells=[], full=[],
-                    css=c, source=i) for i, (r, c) in enumerate(zip(rows, classes, strict=False))]
+                    css=c, source=i) for i, (r, c) in enumerate(zip(rows, classes, strict=True))]
     folded = fold_depth(tree, limit)
     return None if folded is None else ([r.source for r in folded[0]], folded[1])
 

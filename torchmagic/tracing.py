@@ -31,7 +31,7 @@ def _fields(value) -> list[tuple[str, object]] | None:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return [(f.name, getattr(value, f.name, None)) for f in dataclasses.fields(value)]
     if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return list(zip(value._fields, value, strict=False))
+        return list(zip(value._fields, value, strict=True))
     return None
 
 

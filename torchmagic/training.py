@@ -333,7 +333,7 @@ def lr_sweep(model: nn.Module, optimizer: torch.optim.Optimizer, body: Callable[
         notes.append("rates are for param group 0; the other groups keep their ratio to it ("
                      + ", ".join(f"{r:.3g}x" for r in ratios[1:]) + ")")
     return SweepResult(model=model_name, loss_before=loss_before,
-                       points=[SweepPoint(rate, value) for rate, value in zip(rates, after, strict=False)],
+                       points=[SweepPoint(rate, value) for rate, value in zip(rates, after, strict=True)],
                        suggestion=suggestion, reason=reason, notes=notes)
 
 

@@ -64,7 +64,7 @@ def _norms(tensors: Sequence) -> list:
     rest = [i for i, t in enumerate(tensors) if t.dtype not in (torch.float16, torch.bfloat16)]
     for idx, kw in ((low, {"dtype": torch.float32}), (rest, {})):
         if idx:
-            for i, n in zip(idx, torchapi.foreach_norm([tensors[i] for i in idx], 2, **kw), strict=False):
+            for i, n in zip(idx, torchapi.foreach_norm([tensors[i] for i in idx], 2, **kw), strict=True):
                 out[i] = n
     return out
 
@@ -80,7 +80,7 @@ def _gather(scalars: list[torch.Tensor]) -> list[float]:
     out = [0.0] * len(scalars)
     for idx in by_device.values():
         values = torch.stack([scalars[i] for i in idx]).tolist()  # stack promotes mixed dtypes
-        for i, v in zip(idx, values, strict=False):
+        for i, v in zip(idx, values, strict=True):
             out[i] = v
     return out
 
@@ -96,10 +96,10 @@ def _update_norms(params: list[torch.Tensor], before: list[torch.Tensor]) -> tup
             if sum(p.numel() for p in params) <= 1 << 20:  # 4 MB of float32 in all: foreach kernels, no Python loop
                 return _norms(torchapi.foreach_sub([p.detach() for p in params], before)), _norms(before)
             olds = []
-            for p, b in zip(params, before, strict=False):
+            for p, b in zip(params, before, strict=True):
                 a, b = p.detach().reshape(-1), b.reshape(-1)
                 pairs = [(torch.linalg.vector_norm(x - y), torch.linalg.vector_norm(y))
-                         for x, y in zip(a.split(1 << 18), b.split(1 << 18), strict=False)]  # 1 MB of float32
+                         for x, y in zip(a.split(1 << 18), b.split(1 << 18), strict=True)]  # 1 MB of float32
                 if len(pairs) == 1:
                     updates.append(pairs[0][0])
                     olds.append(pairs[0][1])

@@ -90,7 +90,7 @@ class TrainStepPanel:
         self._busy_until: datetime.datetime | None = None  # on the front end's clock: clicks sent before are stale
         names, lrs = session.group_names, session.lrs
         self.sliders = []
-        for name, lr in zip(names, lrs, strict=False):
+        for name, lr in zip(names, lrs, strict=True):
             lr = lr if lr > 0 else 1e-3
             lo, hi = slider_range(lr)
             label = "lr" if len(lrs) == 1 else f"lr {name}"

@@ -148,7 +148,7 @@ class ShapeTrace(ModuleTable):
         return [render.TreeRow(name=r.name, label=label, depth=r.depth, cells=self._cells(r, False),
                                full=self._cells(r, True), css=css, key=(r.cls, r.inputs, r.outputs, r.status, r.kind),
                                source=r)
-                for r, label, css in zip(self.rows, labels, self._classes(), strict=False)]
+                for r, label, css in zip(self.rows, labels, self._classes(), strict=True)]
 
     def _merge(self, blocks: list[render.TreeRow], label: str) -> render.TreeRow:
         first = blocks[0].source

@@ -90,12 +90,12 @@ class ParamSummary(ModuleTable):
 
     def _tree(self) -> list[render.TreeRow]:
         shown = [(r, t) for r, t in zip(self.rows, self.totals(),
-                                        strict=False) if self.depth is None or r.depth <= self.depth]
+                                        strict=True) if self.depth is None or r.depth <= self.depth]
         labels = render.labels([r.name for r, _ in shown], [r.depth for r, _ in shown])
         return [render.TreeRow(name=r.name, label=label, depth=r.depth, cells=self._cells(r, t, False),
                                full=self._cells(r, t, True), css="tm-dim" if r.trainable == "frozen" else "",
                                key=(r.cls, r.output, t, r.note), source=(r, t))
-                for (r, t), label in zip(shown, labels, strict=False)]
+                for (r, t), label in zip(shown, labels, strict=True)]
 
     def _merge(self, blocks: list[render.TreeRow], label: str) -> render.TreeRow:
         first, _ = blocks[0].source
