@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Callable
 
 import torch
 from torch import nn
@@ -87,9 +88,10 @@ def explain(module: nn.Module, name: str, args: tuple, exc: BaseException, earli
         return "", ""
     shape = format_shape(x.shape)
     try:
-        for kinds, fn in ((nn.Linear, _linear), (tuple(_CONV), _conv), (tuple(_BATCHNORM), _batchnorm),
-                          (nn.LayerNorm, _layernorm), (nn.Embedding, _embedding),
-                          (nn.MultiheadAttention, _attention)):
+        rules: tuple[tuple[type | tuple[type, ...], Callable[..., tuple[str, str]]], ...] = (
+            (nn.Linear, _linear), (tuple(_CONV), _conv), (tuple(_BATCHNORM), _batchnorm),
+            (nn.LayerNorm, _layernorm), (nn.Embedding, _embedding), (nn.MultiheadAttention, _attention))
+        for kinds, fn in rules:
             if isinstance(module, kinds):
                 why, fix = fn(module, f"{name} ({cls})", x, shape, args, exc, earlier)
                 if why:

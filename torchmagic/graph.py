@@ -104,9 +104,11 @@ class FlowGraph(Result):
         sources: dict[str, list[str]] = {}
         for e in self.edges:
             sources.setdefault(e.target, []).append(names[e.source])
-        cells, open_boxes, previous = [], [], None
+        cells: list[list[str]] = []
+        open_boxes: list = []
+        previous = None
         for n in self.nodes:
-            chain = []
+            chain: list = []
             b = n.box
             while b:
                 chain.insert(0, b)
@@ -383,7 +385,8 @@ def _short(graph: FlowGraph) -> dict[str, str]:
     """Names inside a box without the box's own prefix: `q_proj` in the box `layers.0.self_attn`."""
     names = {b.id: b.name for b in graph.boxes}
     short = {}
-    for item in [*graph.boxes, *graph.nodes]:
+    items: list[Box | Node] = [*graph.boxes, *graph.nodes]
+    for item in items:
         prefix = names.get(item.box, "").split(" … ")[0] + "."
         short[item.id] = item.name[len(prefix):] if prefix != "." and item.name.startswith(prefix) else item.name
     return short
@@ -447,7 +450,7 @@ def _dot_source(graph: FlowGraph) -> str:
 
 
 def _points(text: str) -> list[tuple[float, float]]:
-    return [tuple(float(v) for v in p.split(",")[-2:]) for p in text.split()]
+    return [(float(x), float(y)) for x, y in (p.split(",")[-2:] for p in text.split())]
 
 
 def find_dot() -> str | None:
@@ -498,8 +501,7 @@ def layout(graph: FlowGraph) -> Placed:
     by_ends = {(e.source, e.target, e.shape + (f" {e.dtype}" if e.dtype else "")): e for e in graph.edges}
     edges = []
     for obj in data.get("edges", []):
-        tail, head = names.get(obj["tail"]), names.get(obj["head"])
-        edge = by_ends.get((tail, head, obj.get("label", "")))
+        edge = by_ends.get((names.get(obj["tail"], ""), names.get(obj["head"], ""), obj.get("label", "")))
         if edge is None:
             continue
         parts = obj["pos"].split()

@@ -24,8 +24,8 @@ def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
             dtype = t.dtype
             break
     if device is None:
-        for t in model.buffers():
-            device = t.device
+        for b in model.buffers():
+            device = b.device
             break
     return device or torch.device("cpu"), dtype or torch.get_default_dtype()
 

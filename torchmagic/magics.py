@@ -10,6 +10,7 @@ import math
 import re
 import sys
 import weakref
+from typing import TYPE_CHECKING
 
 import torch
 from IPython.core.error import UsageError
@@ -22,6 +23,9 @@ from traitlets import Bool, Enum, Int, TraitError, observe, validate
 from .compat import running_cell_number
 from .errors import TorchMagicError, one_line
 from .parsing import AMP_DTYPES, SHAPE_MODES, SHARDS, looks_like_shape, parse_shape, split_line
+
+if TYPE_CHECKING:
+    from IPython.core.interactiveshell import InteractiveShell
 
 
 def usage_errors(func):
@@ -52,6 +56,7 @@ def with_article(noun: str) -> str:
 
 @magics_class
 class TorchMagics(Magics):
+    shell: InteractiveShell  # set by IPython: these magics are always registered with a shell
     widgets = Bool(True,
                    help="Show ipywidgets controls in a Jupyter kernel (False: text results only).").tag(config=True)
     memory_min_change = Int(1 << 20, help="With %memory on, show a line after a cell only when it changed or "
@@ -518,24 +523,24 @@ class TorchMagics(Magics):
 
     def _model_and_prefix(self, expr: str):
         """`net.conv1` -> (net, "net", "conv1"), so that the report counts the whole model."""
-        root = re.match(r"[A-Za-z_]\w*", expr)
+        match = re.match(r"[A-Za-z_]\w*", expr)
+        root = match.group() if match else ""  # the name the expression starts with
         try:
             module = self._module(expr)
         except TorchMagicError:
-            parent = self.shell.user_ns.get(root.group()) if root else None
-            if not isinstance(parent, nn.Module) or root.group() == expr:
+            parent = self.shell.user_ns.get(root) if root else None
+            if not isinstance(parent, nn.Module) or root == expr:
                 raise
-            names = [f"{root.group()}.{n}" for n, _ in parent.named_modules() if n and n.count(".") < 2]
+            names = [f"{root}.{n}" for n, _ in parent.named_modules() if n and n.count(".") < 2]
             shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
-            raise TorchMagicError(f"{expr} is not a submodule of {root.group()}: "
-                                  + (f"give one of {shown}" if names else f"{root.group()} has no submodules")
-                                  ) from None
-        if root and root.group() != expr:
-            parent = self.shell.user_ns.get(root.group())
+            raise TorchMagicError(f"{expr} is not a submodule of {root}: "
+                                  + (f"give one of {shown}" if names else f"{root} has no submodules")) from None
+        if root and root != expr:
+            parent = self.shell.user_ns.get(root)
             if isinstance(parent, nn.Module):
                 for qual, m in parent.named_modules(remove_duplicate=False):
                     if m is module and qual:
-                        return parent, root.group(), qual
+                        return parent, root, qual
         return module, expr, ""
 
 

@@ -91,7 +91,7 @@ def line_svg(series: Sequence[tuple[Sequence[float], Sequence[float], str]], *, 
         mid = (top + height - bottom) / 2
         out.append(f'<text x="10" y="{mid:.1f}" text-anchor="middle" fill="currentColor" '
                    f'transform="rotate(-90 10 {mid:.1f})">{html.escape(y_label)}{" (log)" if log_y else ""}</text>')
-    if h is not None:
+    if h is not None and hline is not None:
         out.append(f'<line x1="{left}" x2="{width - right}" y1="{py(h):.1f}" y2="{py(h):.1f}" stroke="currentColor" '
                    f'stroke-dasharray="4 3" stroke-opacity="0.7"/>')
         out.append(f'<text x="{width - right - 2}" y="{py(h) - 3:.1f}" text-anchor="end" fill="currentColor">'
@@ -105,13 +105,13 @@ def line_svg(series: Sequence[tuple[Sequence[float], Sequence[float], str]], *, 
         color = COLORS[n % len(COLORS)]
         segment: list[str] = []
         segments = [segment]
-        for x, y in zip(xs, ys, strict=False):
-            if x is None or y is None:
+        for x_at, y_at in zip(xs, ys, strict=False):
+            if x_at is None or y_at is None:
                 segment = []
                 segments.append(segment)
                 continue
-            segment.append(f"{px(x):.1f},{py(y):.1f}")
-            out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{color}"/>')
+            segment.append(f"{px(x_at):.1f},{py(y_at):.1f}")
+            out.append(f'<circle cx="{px(x_at):.1f}" cy="{py(y_at):.1f}" r="2.5" fill="{color}"/>')
         for seg in segments:
             if len(seg) > 1:
                 out.append(f'<polyline points="{" ".join(seg)}" fill="none" stroke="{color}" stroke-width="2"/>')

@@ -643,11 +643,13 @@ def trace_shapes(model: nn.Module, values: list, *, name: str, mode: str = "auto
         # Again with the op recorder: the explanation names the view or flatten that made the input.
         recorder, failure, limit = _run(model, values, name, mode, True)
     if limit:
+        assert failure is not None  # a limit is met by a call that failed
         if why != "asked for" and _affordable(model, values):
             notes.append(f"{mode} mode stopped at {failure.module}: it {limit}; ran a real forward instead")
             mode, why = "real", "fell back from " + mode
             recorder, failure, limit = _run(model, values, name, "real", True)
         else:  # say what this mode could not do; an explanation of the model's would blame it wrongly
+            assert failure is not None  # a limit is met by a call that failed
             has_data = all(fake.has_data(t) for t in _tensors(model))
             who = failure.within.split(" (")[0] if failure.cls == "op" and failure.within else failure.module
             failure.explanation = f"{who} {limit}"

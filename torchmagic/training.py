@@ -199,6 +199,7 @@ class StepSession:
                             gate.is_shut = False
                         loss, skipped = result.loss, result.skipped
                     if skipped:
+                        assert result is not None  # a skipped step made its result
                         result.notes.append(f"stopped at step {i + 1} of {n}")
                         break
                     losses.append(loss)
@@ -314,7 +315,7 @@ def lr_sweep(model: nn.Module, optimizer: torch.optim.Optimizer, body: Callable[
                 if ck.backup is not None:
                     ck.backup.restore()
                     with torch.no_grad():
-                        torchapi.foreach_copy_([p.grad for p, _ in grads], [g for _, g in grads])
+                        torchapi.foreach_copy_([p.grad for p, _ in grads], [g for _, g in grads])  # type: ignore[misc]
                     after_body.restore()
                 set_lrs(optimizer, [rate * r for r in ratios])
                 tx.step()

@@ -190,7 +190,8 @@ class TrainStepPanel:
         click message). Clicks queue in the kernel while an action runs: one sent before the last
         action's start plus its duration was made while the panel was busy."""
         kernel = getattr(self._shell, "kernel", None)
-        parent = kernel.get_parent("shell") if hasattr(kernel, "get_parent") else getattr(kernel, "_parent_header", {})
+        get_parent = getattr(kernel, "get_parent", None)
+        parent = get_parent("shell") if get_parent is not None else getattr(kernel, "_parent_header", {})
         header = (parent or {}).get("header") or {}
         if header.get("msg_type") != "comm_msg":
             return None
