@@ -1,6 +1,7 @@
-"""The data flow of a trace as a graph: module calls and shape-changing ops as nodes, the tensors
-between them as edges with their shapes, containers as boxes, runs of identical blocks folded into
-one (×12). Laid out by Graphviz's dot; drawn as SVG in the theme's colours, or as a text tree.
+"""`%shapes --graph`'s work: the data flow of a trace as a graph (results/graph.py holds it and
+draws its text tree): module calls and shape-changing ops as nodes, the tensors between them as
+edges with their shapes, containers as boxes, runs of identical blocks folded into one (×12).
+Laid out by Graphviz's dot; drawn as SVG in the theme's colours.
 Plain data in and out: no tensors, no modules, no IPython."""
 from __future__ import annotations
 
@@ -11,14 +12,14 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch.nn.functional as F
 
-from . import render
 from .errors import TorchMagicError
-from .results import Result, ShapeFailure, ShapeRow
+from .results import ShapeFailure, ShapeRow
+from .results.graph import Box, Edge, FlowGraph, Node, repeat_mark
 
 # Ops that are layers in their own right, drawn even where they keep the shape (relu, dropout, softmax).
 LAYER_OPS = frozenset(n for n, f in vars(F).items() if callable(f) and not n.startswith("_")
@@ -27,135 +28,6 @@ MAX_DRAWN = 600  # nodes: beyond this a drawing is no longer readable (and dot s
 GET_DOT = ("Graphviz's dot program draws the graph and is not installed: apt-get install graphviz "
            "(conda install graphviz, brew install graphviz on a Mac), or pip install graphviz-pure; "
            "print() shows the text tree without it")
-
-
-@dataclass
-class Node:
-    id: str  # "r12" (row 12 of the trace), "in1" (the first input), "out1"
-    name: str  # conv1, view, "h.0 … h.11", input
-    cls: str  # Conv2d, op, input, output
-    kind: str  # module | op | input | output
-    shape: str  # what it outputs
-    box: str = ""  # the id of the box it sits in ("": none)
-    status: str = "ok"  # ok | failed
-    repeat: int = 1  # a folded run of identical blocks: how many
-
-
-@dataclass
-class Edge:
-    source: str
-    target: str
-    shape: str
-    dtype: str = ""  # where the dtype changes (and at the inputs); "" elsewhere
-
-
-@dataclass
-class Box:
-    """A module call drawn open: its calls inside it."""
-
-    id: str
-    name: str
-    cls: str
-    box: str = ""  # the box around this one
-    repeat: int = 1
-    status: str = "ok"  # ok | open (the failure is inside it)
-
-
-@dataclass(repr=False)
-class FlowGraph(Result):
-    model: str
-    nodes: list[Node]
-    edges: list[Edge]
-    boxes: list[Box] = field(default_factory=list)
-    failure: ShapeFailure | None = None
-    mode: str = "real"
-    depth: int | None = None
-    notes: list[str] = field(default_factory=list)
-
-    def node(self, name: str) -> Node:
-        """The first node with this (qualified) name."""
-        for n in self.nodes:
-            if n.name == name:
-                return n
-        raise KeyError(name)
-
-    def into(self, name: str) -> list[Edge]:
-        """The edges into the node with this name."""
-        target = self.node(name).id
-        return [e for e in self.edges if e.target == target]
-
-    def _title(self) -> str:
-        folded = sum(n.repeat > 1 for n in self.nodes) + sum(b.repeat > 1 for b in self.boxes)
-        what = f"{len(self.nodes)} nodes, {len(self.edges)} edges"
-        what += f", {folded} run{'s' if folded > 1 else ''} of repeated blocks folded" if folded else ""
-        return f"{self.model}: data flow, {what} ({self.mode} mode{', failed' if self.failure else ''})"
-
-    def _notes(self) -> list[str]:
-        return [*self.notes,
-                *([f"--depth {self.depth}: deeper calls are inside their boxes"] if self.depth is not None else [])]
-
-    # ------------------------------------------------------------ text
-
-    def to_text(self) -> str:
-        """A tree of the flow: boxes as headings, each node with its output shape and, where its
-        input is not the line above, where it comes from."""
-        names = {n.id: n.name for n in self.nodes}
-        boxes = {b.id: b for b in self.boxes}
-        sources: dict[str, list[str]] = {}
-        for e in self.edges:
-            sources.setdefault(e.target, []).append(names[e.source])
-        cells: list[list[str]] = []
-        open_boxes: list = []
-        previous = None
-        for n in self.nodes:
-            chain: list = []
-            b = n.box
-            while b:
-                chain.insert(0, b)
-                b = boxes[b].box
-            while open_boxes and open_boxes != chain[:len(open_boxes)]:
-                open_boxes.pop()
-            for b in chain[len(open_boxes):]:
-                box = boxes[b]
-                cells.append(["  " * len(open_boxes) + box.name, box.cls + _times(box.repeat), "", ""])
-                open_boxes.append(b)
-            came = sources.get(n.id, [])
-            origin = "" if came == [previous] else ", ".join(dict.fromkeys(came))
-            mark = "✗ " if n.status == "failed" else ""
-            cls = "" if n.kind in ("op", "input", "output") else n.cls + _times(n.repeat)
-            cells.append(["  " * len(chain) + mark + n.name, cls, origin, n.shape])
-            previous = n.name
-        parts = [self._title(), render.text_table(["node", "class", "from", "output"], cells)]
-        if self.failure:
-            parts += ["", *self.failure.lines()]
-        return "\n".join(parts + self._notes())
-
-    # ------------------------------------------------------------ drawing
-
-    def svg(self) -> str:
-        """The graph as an SVG document (colours from the page: currentColor and the theme's variables)."""
-        return draw(self, layout(self))
-
-    def save(self, path: str) -> str:
-        """Write the drawing to a .svg file; returns the path."""
-        if not str(path).endswith(".svg"):
-            raise TorchMagicError(f"{path!r}: give a file name ending in .svg, e.g. t.graph().save('net.svg')")
-        text = self.svg()
-        with open(path, "w", encoding="utf-8") as f:
-            f.write('<?xml version="1.0" encoding="UTF-8"?>\n' + text)
-        return str(path)
-
-    def _repr_html_(self) -> str:
-        try:
-            picture = f'<div class="tm-graph-view">{self.svg()}</div>'
-        except TorchMagicError as e:  # no dot, or too big to draw: the text tree, and how to get the picture
-            picture = f'<pre class="tm-graph-text">{html.escape(self.to_text())}</pre>'
-            return render.html_block(self._title(), [picture], [str(e)])
-        return render.html_block(self._title(), [picture], self._notes())  # the failure's why and fix are drawn
-
-
-def _times(repeat: int) -> str:
-    return f" ×{repeat}" if repeat > 1 else ""
 
 
 # ---------------------------------------------------------------- the graph from the trace
@@ -396,7 +268,7 @@ def _label(n: Node, name: str) -> tuple[list[str], float]:
     """The lines of a node's label and its width in px."""
     if n.kind in ("op", "input", "output"):
         return [name], len(name) * SMALL + 18
-    lines = [name, n.cls + _times(n.repeat)]
+    lines = [name, n.cls + repeat_mark(n.repeat)]
     return lines, max(len(lines[0]) * CHAR, len(lines[1]) * SMALL) + 20
 
 
@@ -434,7 +306,7 @@ def _dot_source(graph: FlowGraph) -> str:
     def emit(box_id: str):
         out.extend(inside.get(box_id, []))
         for b in kids.get(box_id, []):
-            title = short[b.id] + "  " + b.cls + _times(b.repeat)
+            title = short[b.id] + "  " + b.cls + repeat_mark(b.repeat)
             out.append(f'subgraph {q("cluster_" + b.id)} {{ label={q(title)}; labeljust=l; margin=10;')
             emit(b.id)
             out.append("}")
@@ -560,7 +432,7 @@ def draw(graph: FlowGraph, placed: Placed) -> str:
         cls = "box repeat" if b.repeat > 1 else "box"
         out.append(f'<g class="{cls}"><rect x="{x:.1f}" y="{y:.1f}" width="{w:.1f}" height="{h:.1f}" rx="6"/>'
                    + _text(x + 6, y + 9, name, "small bold", "start")
-                   + _text(x + 6 + (len(name) + 2) * SMALL, y + 9, b.cls + _times(b.repeat), "small dim", "start")
+                   + _text(x + 6 + (len(name) + 2) * SMALL, y + 9, b.cls + repeat_mark(b.repeat), "small dim", "start")
                    + "</g>")
     for edge, spline, tip, label in placed.edges:
         path = f"M{spline[0][0]:.1f},{spline[0][1]:.1f}" + "".join(
