@@ -181,7 +181,7 @@ def main():
                     torch._foreach_copy_(buffers, sources)
                     torch._foreach_norm([p.grad for p in params])
                     opt.step()
-                    for p, b in zip(params, buffers, strict=True):
+                    for p, b in zip(params, buffers[:len(params)], strict=True):  # the parameters' copies come first
                         torch.linalg.vector_norm(p - b), torch.linalg.vector_norm(b)
                 del held
 
