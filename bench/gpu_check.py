@@ -262,8 +262,8 @@ def summary_text(s: dict) -> str:
         m = b["memory"]
         lines += ["",
                   f"%memory per cell ({'CUDA initialised' if m['cuda'] else 'CPU'}): off {m['cell_off_us']:.1f} us, "
-                      f"on {m['cell_on_us']:.1f} us, ratio {m['ratio']:.3f} ({m['added_us']:+.0f} us a cell); "
-                      f"the meter alone {m['meter_us']:.1f} us"]
+                  f"on {m['cell_on_us']:.1f} us, ratio {m['ratio']:.3f} ({m['added_us']:+.0f} us a cell); "
+                  f"the meter alone {m['meter_us']:.1f} us"]
     lines.append("=" * 72)
     return "\n".join(lines)
 
