@@ -41,6 +41,11 @@ _CSS = (
     ".tm-result .tm-scroll{max-height:30em;overflow:auto;display:inline-block;max-width:100%}"
     f".tm-result.tm-result td:first-child,.tm-result.tm-result "
     f"th:first-child{{position:sticky;left:0;background:{_BACKGROUND}}}"
+    # JupyterLab stripes even rows and colours the row under the mouse: the sticky cell follows suit
+    ".tm-result.tm-result tbody tr:nth-child(even) td:first-child"
+    f"{{background:var(--jp-rendermime-table-row-background,{_BACKGROUND})}}"
+    ".tm-result.tm-result tbody tr:hover td:first-child"
+    f"{{background:var(--jp-rendermime-table-row-hover-background,{_BACKGROUND})}}"
     # the header stays on top of a scrolling table: it needs the page's own background
     f".tm-result .tm-scroll th{{position:sticky;top:0;z-index:1;background:{_BACKGROUND}}}"
     ".tm-result .tm-scroll th:first-child{z-index:2}"
