@@ -207,10 +207,10 @@ def test_meter_alone_without_ipython():
 
 def test_line_belongs_to_its_cell_in_a_real_kernel():
     """In a notebook the line is a display output of the very cell it measures."""
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    pytest.importorskip("ipykernel")
     from pathlib import Path
+
+    import nbclient
+    import nbformat
 
     nb = nbformat.v4.new_notebook()
     sources = ["%load_ext torchmagic\n%memory on", "import torch\nx = torch.ones(64 * 2**20 // 4)", "y = 1", "%memory"]
