@@ -42,6 +42,7 @@ from .ledger import PHASES, Ledger, is_wrapper, storages_of
 from .parsing import AMP_DTYPES, SHARDS
 from .render import nbytes
 from .results import MemoryPlan, PlanModule, span
+from .tracing import tensor_leaves
 
 OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD"}
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -357,28 +358,11 @@ def loss_of(output) -> tuple[torch.Tensor, str]:
         loss = output.get("loss")
     if isinstance(loss, torch.Tensor) and loss.numel() == 1:
         return loss, "the model's own loss"
-    for t in _tensors_in(output):
+    for t in tensor_leaves(output):
         if t.is_floating_point() and t.requires_grad:
             return t.float().mean(), "the mean of the output"
     raise TorchMagicError("the model's output has no floating-point tensor with a gradient to start backward "
                           "from: use %%trainstep MODEL OPT --plan with your own loss")
-
-
-def _tensors_in(value, depth: int = 0):
-    """The tensors in a model's output: containers, named tuples and dataclasses (which pytree does
-    not open), in order."""
-    if isinstance(value, torch.Tensor):
-        yield value
-        return
-    if depth > 4:
-        return
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = [getattr(value, f.name) for f in dataclasses.fields(value)]
-    elif isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors_in(v, depth + 1)
 
 
 @dataclasses.dataclass

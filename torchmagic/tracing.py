@@ -138,13 +138,13 @@ def class_name(module: nn.Module) -> str:
     return type(module).__name__
 
 
-def _tensor_leaves(value, depth: int = 0):
+def tensor_leaves(value, depth: int = 0):
     """The tensors inside value, dataclasses (a model's output object) opened too."""
     for leaf in torchapi.tree_leaves(value):
         if isinstance(leaf, torch.Tensor):
             yield leaf
         elif depth < 3 and dataclasses.is_dataclass(leaf) and not isinstance(leaf, type):
-            yield from _tensor_leaves([getattr(leaf, f.name) for f in dataclasses.fields(leaf)], depth + 1)
+            yield from tensor_leaves([getattr(leaf, f.name) for f in dataclasses.fields(leaf)], depth + 1)
 
 
 def _has_tensor(value) -> bool:
@@ -260,7 +260,7 @@ class Recorder:
 
     def _sources(self, value, outer: bool) -> list[tuple[tuple[int, ...], str, str]]:
         out = []
-        for t in _tensor_leaves(value):
+        for t in tensor_leaves(value):
             chain = self._chain(t, outer)
             if chain is not None:
                 out.append((chain, format_shape(t.shape), str(t.dtype).removeprefix("torch.")))
@@ -340,7 +340,7 @@ class Recorder:
     def _returned(self, row: ShapeRow, output):
         """A module's outputs are now its own; one made inside it (a later row) keeps that row's chain
         behind the module's id, so the graph can draw the module closed or opened."""
-        for t in _tensor_leaves(output):
+        for t in tensor_leaves(output):
             inner = self._chain(t, outer=False)
             inner = inner if inner is not None and inner[0] > row.id else (row.id,)
             row.results.append((inner, format_shape(t.shape), str(t.dtype).removeprefix("torch.")))
@@ -369,7 +369,7 @@ class Recorder:
                 parent=self.stack[-1][1] if self.stack else -1, sources=self._sources((args, kwargs), not self.stack))
             self.rows.append(row)
             self.row_modules.append(None)
-            for t in _tensor_leaves(out):
+            for t in tensor_leaves(out):
                 self._made(t, (row.id,))
         finally:
             self.busy = False
